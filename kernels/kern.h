@@ -1,0 +1,114 @@
+/*
+ * kern: the compute kernels the engine calls, and the thread pool they run on.
+ *
+ * The CPU backend (kernels/cpu/) has a scalar reference for each kernel (`_ref`, the definition of
+ * the result) and AVX2 / AVX-512 versions picked at run time from the CPU's features. A
+ * struct kern_pool is a persistent set of worker threads; kern_pool_run hands every thread the same
+ * task and returns when all have finished. Matmuls split their output rows across the pool's threads
+ * and read each weight row once for all rows of the activation batch.
+ *
+ * Thread context: one thread (the caller of kern_pool_run, e.g. the engine's forward pass) drives a
+ * pool; kernels called with a pool must not be called concurrently on the same pool. Functions that
+ * take no pool are reentrant.
+ */
+#ifndef KERN_KERN_H
+#define KERN_KERN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/quant.h"
+
+/* ---- Instruction set selection ---- */
+
+enum kern_isa {
+    KERN_ISA_SCALAR = 0, /* the _ref kernels */
+    KERN_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    KERN_ISA_AVX512 = 2, /* AVX-512 F/BW/VL + VNNI */
+};
+
+/* The best ISA this CPU supports. */
+enum kern_isa kern_cpu_best_isa(void);
+
+/* The ISA the kernels use now: the best one, or the env var LLM_ISA=scalar|avx2|avx512 if set and
+ * supported. Not thread-safe with running kernels. */
+enum kern_isa kern_cpu_isa(void);
+
+/* Forces an ISA (tests compare each against the reference). Returns 0, or -ENOTSUP when the CPU
+ * lacks it. Not thread-safe with running kernels. */
+int kern_cpu_set_isa(enum kern_isa isa);
+
+const char *kern_isa_name(enum kern_isa isa);
+
+/* ---- Thread pool ---- */
+
+struct kern_pool;
+
+/* A task: called once on each of nth threads with ith = 0..nth-1 (the caller of kern_pool_run is
+ * ith 0). */
+typedef void (*kern_task_fn)(void *ctx, int ith, int nth);
+
+/* Starts n_threads - 1 workers (the caller is the n-th). Returns 0, -EINVAL, or -ENOMEM/-EAGAIN. */
+int kern_pool_new(int n_threads, struct kern_pool **out);
+
+/* Stops and joins the workers. NULL is a no-op. */
+void kern_pool_free(struct kern_pool *pool);
+
+int kern_pool_n_threads(const struct kern_pool *pool);
+
+/* Runs fn on every thread of the pool and returns when all have returned. Workers spin briefly
+ * between tasks before sleeping, so back-to-back calls are cheap. */
+void kern_pool_run(struct kern_pool *pool, kern_task_fn fn, void *ctx);
+
+/* ---- Rows ---- */
+
+/* Dequantizes n elements (a multiple of the type's block size) of one row to f32.
+ * Returns 0, or -EINVAL for an unsupported type or bad n. */
+int kern_dequant_row(enum kern_dtype type, const void *src, float *dst, int64_t n);
+
+/* ---- Matrix multiplication ---- */
+
+/*
+ * A weight matrix as stored in GGUF: n_out rows of n_in elements, each row row_bytes long
+ * (kern_row_bytes(type, n_in)). data is borrowed (usually the mmapped file) and must outlive it.
+ */
+struct kern_matrix {
+    enum kern_dtype type;
+    int64_t n_in;
+    int64_t n_out;
+    size_t row_bytes;
+    const void *data;
+};
+
+/* Checks that the matrix can be used by kern_matmul: supported type, n_in a multiple of the block
+ * size. Returns 0 or -EINVAL / -ENOTSUP. */
+int kern_matrix_check(const struct kern_matrix *w);
+
+/*
+ * y[t * n_out + o] = sum_k W[o][k] * x[t * n_in + k] for t < n_tok, o < n_out.
+ * Activations are quantized internally (8-bit blocks) for the quantized weight types, as ggml does,
+ * so results match kern_matmul_ref within the tolerance of that quantization.
+ * Scratch memory lives in the pool and grows as needed. Returns 0 or -ENOMEM.
+ */
+int kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x, int n_tok,
+                float *y);
+
+/* The same product computed with dequantized f32 weights and f32 activations in double precision
+ * accumulators, single-threaded: the reference the tests compare against. */
+int kern_matmul_ref(const struct kern_matrix *w, const float *x, int n_tok, float *y);
+
+/* ---- Element-wise ops (f32, one row each; reentrant) ---- */
+
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]. out may alias x. */
+void kern_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+
+/* out[i] = silu(gate[i]) * up[i]. out may alias gate. */
+void kern_swiglu(float *out, const float *gate, const float *up, int n);
+
+/* y[i] += x[i]. */
+void kern_add(float *y, const float *x, int n);
+
+/* In-place softmax of n values; returns the maximum. */
+float kern_softmax(float *x, int n);
+
+#endif

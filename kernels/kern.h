@@ -66,6 +66,11 @@ void kern_pool_run(struct kern_pool *pool, kern_task_fn fn, void *ctx);
  * Returns 0, or -EINVAL for an unsupported type or bad n. */
 int kern_dequant_row(enum kern_dtype type, const void *src, float *dst, int64_t n);
 
+/* Quantizes n f32 values (a multiple of the block size) into one row of type (every type the
+ * kernels support, for tests and generated test models; simple scale choice, not ggml's search).
+ * Returns 0 or -EINVAL. */
+int kern_quantize_row(enum kern_dtype type, const float *src, void *dst, int64_t n);
+
 /* ---- Matrix multiplication ---- */
 
 /*

@@ -1,0 +1,684 @@
+#include "engine/model.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_util.h"
+#include "engine/gguf.h"
+
+/* ---- Loading ---- */
+
+static void __attribute__((format(printf, 3, 4)))
+set_err(char *err, size_t err_len, const char *fmt, ...)
+{
+    if (!err || err_len == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+/* Reads "<arch>.<suffix>" as a positive int. */
+static int
+get_hparam(const struct eng_gguf *g, const char *arch, const char *suffix, bool required,
+           int dflt, int *out, char *err, size_t err_len)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    uint32_t v = 0;
+    int rc = eng_gguf_get_u32(g, key, &v);
+    if (rc == -ENOENT && !required) {
+        *out = dflt;
+        return 0;
+    }
+    if (rc == -ENOENT) {
+        set_err(err, err_len, "model: missing metadata key %s", key);
+        return -EBADMSG;
+    }
+    if (rc < 0 || v == 0 || v > (1u << 24)) {
+        set_err(err, err_len, "model: metadata %s is not a positive integer in range", key);
+        return -EBADMSG;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int
+get_fparam(const struct eng_gguf *g, const char *arch, const char *suffix, float dflt, float *out,
+           char *err, size_t err_len)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    float v = dflt;
+    int rc = eng_gguf_get_f32(g, key, &v);
+    if (rc < 0 && rc != -ENOENT) {
+        set_err(err, err_len, "model: metadata %s is not a number", key);
+        return -EBADMSG;
+    }
+    if (!isfinite(v) || v <= 0) {
+        set_err(err, err_len, "model: metadata %s = %g is out of range", key, (double)v);
+        return -EBADMSG;
+    }
+    *out = v;
+    return 0;
+}
+
+static const struct eng_gguf_tensor *
+find_tensor(const struct eng_gguf *g, const char *name, char *err, size_t err_len)
+{
+    const struct eng_gguf_tensor *t = eng_gguf_find_tensor(g, name);
+    if (!t)
+        set_err(err, err_len, "model: missing tensor %s", name);
+    return t;
+}
+
+/* A 1-D f32 tensor of n elements. */
+static int
+get_vec(const struct eng_gguf *g, const char *name, int n, bool required, const float **out,
+        char *err, size_t err_len)
+{
+    const struct eng_gguf_tensor *t = eng_gguf_find_tensor(g, name);
+    if (!t) {
+        if (!required) {
+            *out = NULL;
+            return 0;
+        }
+        set_err(err, err_len, "model: missing tensor %s", name);
+        return -EBADMSG;
+    }
+    if (t->type != KERN_DTYPE_F32 || t->ne[0] != (uint64_t)n || t->ne[1] != 1 || t->ne[2] != 1 ||
+        t->ne[3] != 1) {
+        set_err(err, err_len, "model: tensor %s must be f32 of shape [%d], got %s [%llu, %llu]",
+                name, n, kern_dtype_traits(t->type) ? kern_dtype_traits(t->type)->name : "?",
+                (unsigned long long)t->ne[0], (unsigned long long)t->ne[1]);
+        return -EBADMSG;
+    }
+    *out = t->data;
+    return 0;
+}
+
+/* A 2-D matrix of n_out rows of n_in elements (GGUF shape [n_in, n_out]). */
+static int
+get_matrix(const struct eng_gguf *g, const char *name, int n_in, int n_out,
+           struct kern_matrix *out, char *err, size_t err_len)
+{
+    const struct eng_gguf_tensor *t = find_tensor(g, name, err, err_len);
+    if (!t)
+        return -EBADMSG;
+    if (t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out || t->ne[2] != 1 ||
+        t->ne[3] != 1) {
+        set_err(err, err_len, "model: tensor %s has shape [%llu, %llu, %llu], expected [%d, %d]",
+                name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                (unsigned long long)t->ne[2], n_in, n_out);
+        return -EBADMSG;
+    }
+    struct kern_matrix m = {
+        .type = t->type,
+        .n_in = n_in,
+        .n_out = n_out,
+        .row_bytes = kern_row_bytes(t->type, n_in),
+        .data = t->data,
+    };
+    int rc = kern_matrix_check(&m);
+    if (rc < 0 || m.row_bytes * (uint64_t)n_out != t->n_bytes) {
+        const struct kern_dtype_traits *tr = kern_dtype_traits(t->type);
+        set_err(err, err_len, "model: tensor %s has type %s, which the kernels cannot use", name,
+                tr ? tr->name : "unknown");
+        return -ENOTSUP;
+    }
+    *out = m;
+    return 0;
+}
+
+static int
+load_hparams(const struct eng_gguf *g, struct eng_hparams *hp, char *arch_out, size_t arch_len,
+             char *err, size_t err_len)
+{
+    struct eng_gguf_str arch_s;
+    if (eng_gguf_get_str(g, "general.architecture", &arch_s) < 0) {
+        set_err(err, err_len, "model: missing metadata general.architecture");
+        return -EBADMSG;
+    }
+    if (arch_s.len >= arch_len)
+        arch_s.len = arch_len - 1;
+    memcpy(arch_out, arch_s.data, arch_s.len);
+    arch_out[arch_s.len] = 0;
+    const char *arch = arch_out;
+    if (strcmp(arch, "llama") == 0) {
+        hp->arch = ENG_ARCH_LLAMA;
+        hp->rope_type = ENG_ROPE_NORM;
+    } else if (strcmp(arch, "qwen2") == 0) {
+        hp->arch = ENG_ARCH_QWEN2;
+        hp->rope_type = ENG_ROPE_NEOX;
+    } else {
+        set_err(err, err_len, "model: architecture '%s' is not supported (llama, qwen2)", arch);
+        return -ENOTSUP;
+    }
+    int rc;
+    if ((rc = get_hparam(g, arch, "embedding_length", true, 0, &hp->n_embd, err, err_len)) < 0 ||
+        (rc = get_hparam(g, arch, "block_count", true, 0, &hp->n_layer, err, err_len)) < 0 ||
+        (rc = get_hparam(g, arch, "feed_forward_length", true, 0, &hp->n_ff, err, err_len)) < 0 ||
+        (rc = get_hparam(g, arch, "attention.head_count", true, 0, &hp->n_head, err, err_len)) <
+            0 ||
+        (rc = get_hparam(g, arch, "attention.head_count_kv", false, hp->n_head, &hp->n_head_kv,
+                         err, err_len)) < 0 ||
+        (rc = get_hparam(g, arch, "context_length", false, 2048, &hp->n_ctx_train, err,
+                         err_len)) < 0)
+        return rc;
+    if (hp->n_embd % hp->n_head != 0 || hp->n_head % hp->n_head_kv != 0 || hp->n_layer > 1024) {
+        set_err(err, err_len,
+                "model: inconsistent attention shape: n_embd %d, n_head %d, n_head_kv %d",
+                hp->n_embd, hp->n_head, hp->n_head_kv);
+        return -EBADMSG;
+    }
+    hp->head_dim = hp->n_embd / hp->n_head;
+    if ((rc = get_hparam(g, arch, "attention.key_length", false, hp->head_dim, &hp->head_dim, err,
+                         err_len)) < 0 ||
+        (rc = get_hparam(g, arch, "rope.dimension_count", false, hp->head_dim, &hp->n_rot, err,
+                         err_len)) < 0)
+        return rc;
+    if (hp->head_dim % 2 != 0 || hp->n_rot % 2 != 0 || hp->n_rot > hp->head_dim) {
+        set_err(err, err_len, "model: head_dim %d / rope dims %d must be even and nested",
+                hp->head_dim, hp->n_rot);
+        return -EBADMSG;
+    }
+    if ((rc = get_fparam(g, arch, "rope.freq_base", 10000.0f, &hp->rope_theta, err, err_len)) <
+            0 ||
+        (rc = get_fparam(g, arch, "attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps, err,
+                         err_len)) < 0)
+        return rc;
+    return 0;
+}
+
+static int
+load_layer(const struct eng_gguf *g, const struct eng_hparams *hp, int il, struct eng_layer *l,
+           char *err, size_t err_len)
+{
+    char name[96];
+    int q_dim = hp->n_head * hp->head_dim;
+    int kv_dim = hp->n_head_kv * hp->head_dim;
+    int rc;
+#define NAME(suffix) (snprintf(name, sizeof(name), "blk.%d.%s", il, suffix), name)
+    if ((rc = get_vec(g, NAME("attn_norm.weight"), hp->n_embd, true, &l->attn_norm, err,
+                      err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("attn_q.weight"), hp->n_embd, q_dim, &l->wq, err, err_len)) <
+            0 ||
+        (rc = get_matrix(g, NAME("attn_k.weight"), hp->n_embd, kv_dim, &l->wk, err, err_len)) <
+            0 ||
+        (rc = get_matrix(g, NAME("attn_v.weight"), hp->n_embd, kv_dim, &l->wv, err, err_len)) <
+            0 ||
+        (rc = get_matrix(g, NAME("attn_output.weight"), q_dim, hp->n_embd, &l->wo, err,
+                         err_len)) < 0 ||
+        (rc = get_vec(g, NAME("ffn_norm.weight"), hp->n_embd, true, &l->ffn_norm, err,
+                      err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("ffn_gate.weight"), hp->n_embd, hp->n_ff, &l->w_gate, err,
+                         err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("ffn_up.weight"), hp->n_embd, hp->n_ff, &l->w_up, err,
+                         err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("ffn_down.weight"), hp->n_ff, hp->n_embd, &l->w_down, err,
+                         err_len)) < 0)
+        return rc;
+    bool bias = hp->arch == ENG_ARCH_QWEN2;
+    if ((rc = get_vec(g, NAME("attn_q.bias"), q_dim, bias, &l->bq, err, err_len)) < 0 ||
+        (rc = get_vec(g, NAME("attn_k.bias"), kv_dim, bias, &l->bk, err, err_len)) < 0 ||
+        (rc = get_vec(g, NAME("attn_v.bias"), kv_dim, bias, &l->bv, err, err_len)) < 0)
+        return rc;
+#undef NAME
+    return 0;
+}
+
+int
+eng_model_load(const struct eng_gguf *g, struct eng_model **out, char *err, size_t err_len)
+{
+    struct eng_model *m = cm_xcalloc(1, sizeof(*m));
+    char arch[32];
+    int rc = load_hparams(g, &m->hp, arch, sizeof(arch), err, err_len);
+    if (rc < 0)
+        goto fail;
+    struct eng_hparams *hp = &m->hp;
+
+    const struct eng_gguf_tensor *emb = find_tensor(g, "token_embd.weight", err, err_len);
+    if (!emb) {
+        rc = -EBADMSG;
+        goto fail;
+    }
+    if (emb->ne[1] < 1 || emb->ne[1] > (1u << 24)) {
+        set_err(err, err_len, "model: token_embd.weight has an absurd vocabulary size %llu",
+                (unsigned long long)emb->ne[1]);
+        rc = -EBADMSG;
+        goto fail;
+    }
+    hp->n_vocab = (int)emb->ne[1];
+    uint32_t meta_vocab = 0;
+    char key[64];
+    snprintf(key, sizeof(key), "%s.vocab_size", arch);
+    if (eng_gguf_get_u32(g, key, &meta_vocab) == 0 && meta_vocab != (uint32_t)hp->n_vocab) {
+        set_err(err, err_len, "model: %s = %u but token_embd.weight has %d rows", key, meta_vocab,
+                hp->n_vocab);
+        rc = -EBADMSG;
+        goto fail;
+    }
+    struct eng_gguf_arr toks;
+    if (eng_gguf_get_arr(g, "tokenizer.ggml.tokens", &toks) == 0 &&
+        toks.n != (uint64_t)hp->n_vocab) {
+        set_err(err, err_len, "model: the tokenizer has %llu tokens but token_embd.weight has %d",
+                (unsigned long long)toks.n, hp->n_vocab);
+        rc = -EBADMSG;
+        goto fail;
+    }
+    if ((rc = get_matrix(g, "token_embd.weight", hp->n_embd, hp->n_vocab, &m->tok_embd, err,
+                         err_len)) < 0 ||
+        (rc = get_vec(g, "output_norm.weight", hp->n_embd, true, &m->output_norm, err,
+                      err_len)) < 0)
+        goto fail;
+    if (eng_gguf_find_tensor(g, "output.weight")) {
+        if ((rc = get_matrix(g, "output.weight", hp->n_embd, hp->n_vocab, &m->output, err,
+                             err_len)) < 0)
+            goto fail;
+    } else {
+        m->output = m->tok_embd;
+        m->tied_output = true;
+    }
+    m->layers = cm_xcalloc((size_t)hp->n_layer, sizeof(*m->layers));
+    for (int il = 0; il < hp->n_layer; il++) {
+        if ((rc = load_layer(g, hp, il, &m->layers[il], err, err_len)) < 0)
+            goto fail;
+    }
+    struct eng_gguf_str name;
+    if (eng_gguf_get_str(g, "general.name", &name) == 0 && name.len > 0) {
+        size_t n = name.len < sizeof(m->name) - 1 ? name.len : sizeof(m->name) - 1;
+        memcpy(m->name, name.data, n);
+        m->name[n] = 0;
+    } else {
+        snprintf(m->name, sizeof(m->name), "%s", arch);
+    }
+    m->gguf = g;
+    *out = m;
+    return 0;
+fail:
+    eng_model_free(m);
+    return rc;
+}
+
+void
+eng_model_free(struct eng_model *m)
+{
+    if (!m)
+        return;
+    free(m->layers);
+    free(m);
+}
+
+static size_t
+matrix_bytes(const struct kern_matrix *w)
+{
+    return w->row_bytes * (size_t)w->n_out;
+}
+
+size_t
+eng_model_weight_bytes(const struct eng_model *m)
+{
+    const struct eng_hparams *hp = &m->hp;
+    size_t n = matrix_bytes(&m->output) + (size_t)hp->n_embd * 4;
+    for (int il = 0; il < hp->n_layer; il++) {
+        const struct eng_layer *l = &m->layers[il];
+        n += matrix_bytes(&l->wq) + matrix_bytes(&l->wk) + matrix_bytes(&l->wv) +
+             matrix_bytes(&l->wo) + matrix_bytes(&l->w_gate) + matrix_bytes(&l->w_up) +
+             matrix_bytes(&l->w_down) + 2 * (size_t)hp->n_embd * 4;
+    }
+    return n;
+}
+
+/* ---- KV cache ---- */
+
+int
+eng_kv_new(const struct eng_model *m, int n_ctx, struct eng_kv **out)
+{
+    if (n_ctx < 1)
+        return -EINVAL;
+    struct eng_kv *kv = cm_xcalloc(1, sizeof(*kv));
+    kv->n_ctx = n_ctx;
+    kv->n_layer = m->hp.n_layer;
+    kv->kv_dim = m->hp.n_head_kv * m->hp.head_dim;
+    size_t n = (size_t)kv->n_layer * (size_t)n_ctx * (size_t)kv->kv_dim;
+    kv->k = malloc(n * sizeof(float));
+    kv->v = malloc(n * sizeof(float));
+    if (!kv->k || !kv->v) {
+        eng_kv_free(kv);
+        return -ENOMEM;
+    }
+    *out = kv;
+    return 0;
+}
+
+void
+eng_kv_free(struct eng_kv *kv)
+{
+    if (!kv)
+        return;
+    free(kv->k);
+    free(kv->v);
+    free(kv);
+}
+
+/* ---- Forward pass ---- */
+
+struct eng_fwd {
+    const struct eng_model *m;
+    struct kern_pool *pool;
+    int n_batch;
+    int n_ctx;
+    int n_threads;
+    float *x;     /* (n_batch, n_embd) residual stream */
+    float *xb;    /* (n_batch, n_embd) normed input of a block */
+    float *q;     /* (n_batch, n_head * head_dim) */
+    float *k;     /* (n_batch, kv_dim) */
+    float *v;     /* (n_batch, kv_dim) */
+    float *att;   /* (n_batch, n_head * head_dim) attention output */
+    float *tmp;   /* (n_batch, n_embd) output of wo / w_down */
+    float *hb;    /* (n_batch, n_ff) gate, then silu(gate) * up */
+    float *hb2;   /* (n_batch, n_ff) up */
+    float *rope;  /* (n_batch, n_rot / 2, 2) cos, sin */
+    float *score; /* (n_threads, n_group * n_ctx) attention scratch per thread */
+};
+
+int
+eng_fwd_new(const struct eng_model *m, struct kern_pool *pool, int n_batch, int n_ctx,
+            struct eng_fwd **out)
+{
+    if (n_batch < 1 || n_ctx < 1 || !pool)
+        return -EINVAL;
+    const struct eng_hparams *hp = &m->hp;
+    struct eng_fwd *f = cm_xcalloc(1, sizeof(*f));
+    f->m = m;
+    f->pool = pool;
+    f->n_batch = n_batch;
+    f->n_ctx = n_ctx;
+    f->n_threads = kern_pool_n_threads(pool);
+    size_t nb = (size_t)n_batch;
+    size_t q_dim = (size_t)hp->n_head * (size_t)hp->head_dim;
+    size_t kv_dim = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
+    size_t n_group = (size_t)(hp->n_head / hp->n_head_kv);
+    f->x = malloc(nb * (size_t)hp->n_embd * sizeof(float));
+    f->xb = malloc(nb * (size_t)hp->n_embd * sizeof(float));
+    f->q = malloc(nb * q_dim * sizeof(float));
+    f->k = malloc(nb * kv_dim * sizeof(float));
+    f->v = malloc(nb * kv_dim * sizeof(float));
+    f->att = malloc(nb * q_dim * sizeof(float));
+    f->tmp = malloc(nb * (size_t)hp->n_embd * sizeof(float));
+    f->hb = malloc(nb * (size_t)hp->n_ff * sizeof(float));
+    f->hb2 = malloc(nb * (size_t)hp->n_ff * sizeof(float));
+    f->rope = malloc(nb * (size_t)hp->n_rot * sizeof(float));
+    f->score = malloc((size_t)f->n_threads * n_group * (size_t)n_ctx * sizeof(float));
+    if (!f->x || !f->xb || !f->q || !f->k || !f->v || !f->att || !f->tmp || !f->hb || !f->hb2 ||
+        !f->rope || !f->score) {
+        eng_fwd_free(f);
+        return -ENOMEM;
+    }
+    *out = f;
+    return 0;
+}
+
+void
+eng_fwd_free(struct eng_fwd *f)
+{
+    if (!f)
+        return;
+    free(f->x);
+    free(f->xb);
+    free(f->q);
+    free(f->k);
+    free(f->v);
+    free(f->att);
+    free(f->tmp);
+    free(f->hb);
+    free(f->hb2);
+    free(f->rope);
+    free(f->score);
+    free(f);
+}
+
+/* A task over the rows of the current batch, split evenly across the pool. */
+struct row_task {
+    struct eng_fwd *f;
+    struct eng_kv *kv;
+    int n_tokens;
+    int pos0; /* position of the batch's first token */
+    int layer;
+};
+
+static void
+split_range(int n, int ith, int nth, int *lo, int *hi)
+{
+    int per = (n + nth - 1) / nth;
+    *lo = ith * per < n ? ith * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* RMSNorm of x into xb with the layer's attention norm weights. */
+static void
+task_attn_norm(void *ctx, int ith, int nth)
+{
+    struct row_task *t = ctx;
+    const struct eng_hparams *hp = &t->f->m->hp;
+    const float *w = t->f->m->layers[t->layer].attn_norm;
+    int lo, hi;
+    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++)
+        kern_rmsnorm(t->f->xb + (size_t)i * hp->n_embd, t->f->x + (size_t)i * hp->n_embd, w,
+                     hp->n_embd, hp->rms_eps);
+}
+
+static void
+rope_rotate(float *x, const float *cs, int n_heads, int head_dim, int n_rot,
+            enum eng_rope_type type)
+{
+    for (int h = 0; h < n_heads; h++) {
+        float *xh = x + (size_t)h * head_dim;
+        for (int i = 0; i < n_rot / 2; i++) {
+            float c = cs[2 * i], s = cs[2 * i + 1];
+            int a = type == ENG_ROPE_NEOX ? i : 2 * i;
+            int b = type == ENG_ROPE_NEOX ? i + n_rot / 2 : 2 * i + 1;
+            float x0 = xh[a], x1 = xh[b];
+            xh[a] = x0 * c - x1 * s;
+            xh[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+static void
+add_bias(float *x, const float *b, int n)
+{
+    if (b)
+        kern_add(x, b, n);
+}
+
+/* Biases, RoPE on q and k, then k and v appended to the cache. */
+static void
+task_qkv_post(void *ctx, int ith, int nth)
+{
+    struct row_task *t = ctx;
+    struct eng_fwd *f = t->f;
+    const struct eng_hparams *hp = &f->m->hp;
+    const struct eng_layer *l = &f->m->layers[t->layer];
+    int q_dim = hp->n_head * hp->head_dim, kv_dim = hp->n_head_kv * hp->head_dim;
+    int lo, hi;
+    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++) {
+        float *q = f->q + (size_t)i * q_dim;
+        float *k = f->k + (size_t)i * kv_dim;
+        float *v = f->v + (size_t)i * kv_dim;
+        add_bias(q, l->bq, q_dim);
+        add_bias(k, l->bk, kv_dim);
+        add_bias(v, l->bv, kv_dim);
+        const float *cs = f->rope + (size_t)i * hp->n_rot;
+        rope_rotate(q, cs, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_type);
+        rope_rotate(k, cs, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_type);
+        size_t row = ((size_t)t->layer * t->kv->n_ctx + (size_t)(t->pos0 + i)) * kv_dim;
+        memcpy(t->kv->k + row, k, (size_t)kv_dim * sizeof(float));
+        memcpy(t->kv->v + row, v, (size_t)kv_dim * sizeof(float));
+    }
+}
+
+/* Attention: work items are (token, kv head) pairs. */
+static void
+task_attention(void *ctx, int ith, int nth)
+{
+    struct row_task *t = ctx;
+    struct eng_fwd *f = t->f;
+    const struct eng_hparams *hp = &f->m->hp;
+    int hd = hp->head_dim, kv_dim = hp->n_head_kv * hd, q_dim = hp->n_head * hd;
+    int n_group = hp->n_head / hp->n_head_kv;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *score = f->score + (size_t)ith * (size_t)n_group * (size_t)f->n_ctx;
+    const float *kl = t->kv->k + (size_t)t->layer * t->kv->n_ctx * kv_dim;
+    const float *vl = t->kv->v + (size_t)t->layer * t->kv->n_ctx * kv_dim;
+    int lo, hi;
+    split_range(t->n_tokens * hp->n_head_kv, ith, nth, &lo, &hi);
+    for (int item = lo; item < hi; item++) {
+        int i = item / hp->n_head_kv, h = item % hp->n_head_kv;
+        int n_kv = t->pos0 + i + 1;
+        size_t qo = (size_t)i * q_dim + (size_t)h * n_group * hd;
+        kern_attn_f32(f->att + qo, f->q + qo, kl + (size_t)h * hd, vl + (size_t)h * hd, n_kv,
+                      n_group, hd, (size_t)kv_dim, scale, score);
+    }
+}
+
+/* x += tmp, then xb = rmsnorm(x) with the FFN norm. */
+static void
+task_attn_residual(void *ctx, int ith, int nth)
+{
+    struct row_task *t = ctx;
+    const struct eng_hparams *hp = &t->f->m->hp;
+    const float *w = t->f->m->layers[t->layer].ffn_norm;
+    int lo, hi;
+    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++) {
+        float *x = t->f->x + (size_t)i * hp->n_embd;
+        kern_add(x, t->f->tmp + (size_t)i * hp->n_embd, hp->n_embd);
+        kern_rmsnorm(t->f->xb + (size_t)i * hp->n_embd, x, w, hp->n_embd, hp->rms_eps);
+    }
+}
+
+static void
+task_swiglu(void *ctx, int ith, int nth)
+{
+    struct row_task *t = ctx;
+    const struct eng_hparams *hp = &t->f->m->hp;
+    int lo, hi;
+    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++) {
+        float *g = t->f->hb + (size_t)i * hp->n_ff;
+        kern_swiglu(g, g, t->f->hb2 + (size_t)i * hp->n_ff, hp->n_ff);
+    }
+}
+
+static void
+task_ffn_residual(void *ctx, int ith, int nth)
+{
+    struct row_task *t = ctx;
+    const struct eng_hparams *hp = &t->f->m->hp;
+    int lo, hi;
+    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++)
+        kern_add(t->f->x + (size_t)i * hp->n_embd, t->f->tmp + (size_t)i * hp->n_embd,
+                 hp->n_embd);
+}
+
+/* Runs one chunk of at most n_batch tokens. */
+static int
+forward_chunk(struct eng_fwd *f, struct eng_kv *kv, const int32_t *tokens, int n_tokens,
+              float *logits, bool all_logits)
+{
+    const struct eng_model *m = f->m;
+    const struct eng_hparams *hp = &m->hp;
+    int rc;
+    struct row_task t = {.f = f, .kv = kv, .n_tokens = n_tokens, .pos0 = kv->n_past};
+
+    for (int i = 0; i < n_tokens; i++) {
+        const uint8_t *row = (const uint8_t *)m->tok_embd.data +
+                             (size_t)tokens[i] * m->tok_embd.row_bytes;
+        rc = kern_dequant_row(m->tok_embd.type, row, f->x + (size_t)i * hp->n_embd, hp->n_embd);
+        if (rc < 0)
+            return rc;
+        int pos = kv->n_past + i;
+        float *cs = f->rope + (size_t)i * hp->n_rot;
+        for (int j = 0; j < hp->n_rot / 2; j++) {
+            float freq = powf(hp->rope_theta, -2.0f * (float)j / (float)hp->n_rot);
+            float a = (float)pos * freq;
+            cs[2 * j] = cosf(a);
+            cs[2 * j + 1] = sinf(a);
+        }
+    }
+
+    for (int il = 0; il < hp->n_layer; il++) {
+        const struct eng_layer *l = &m->layers[il];
+        t.layer = il;
+        kern_pool_run(f->pool, task_attn_norm, &t);
+        if ((rc = kern_matmul(f->pool, &l->wq, f->xb, n_tokens, f->q)) < 0 ||
+            (rc = kern_matmul(f->pool, &l->wk, f->xb, n_tokens, f->k)) < 0 ||
+            (rc = kern_matmul(f->pool, &l->wv, f->xb, n_tokens, f->v)) < 0)
+            return rc;
+        kern_pool_run(f->pool, task_qkv_post, &t);
+        kern_pool_run(f->pool, task_attention, &t);
+        if ((rc = kern_matmul(f->pool, &l->wo, f->att, n_tokens, f->tmp)) < 0)
+            return rc;
+        kern_pool_run(f->pool, task_attn_residual, &t);
+        if ((rc = kern_matmul(f->pool, &l->w_gate, f->xb, n_tokens, f->hb)) < 0 ||
+            (rc = kern_matmul(f->pool, &l->w_up, f->xb, n_tokens, f->hb2)) < 0)
+            return rc;
+        kern_pool_run(f->pool, task_swiglu, &t);
+        if ((rc = kern_matmul(f->pool, &l->w_down, f->hb, n_tokens, f->tmp)) < 0)
+            return rc;
+        kern_pool_run(f->pool, task_ffn_residual, &t);
+    }
+
+    if (logits) {
+        int first = all_logits ? 0 : n_tokens - 1;
+        int n_out = n_tokens - first;
+        for (int i = first; i < n_tokens; i++)
+            kern_rmsnorm(f->xb + (size_t)(i - first) * hp->n_embd, f->x + (size_t)i * hp->n_embd,
+                         m->output_norm, hp->n_embd, hp->rms_eps);
+        if ((rc = kern_matmul(f->pool, &m->output, f->xb, n_out, logits)) < 0)
+            return rc;
+    }
+    kv->n_past += n_tokens;
+    return 0;
+}
+
+int
+eng_forward(struct eng_fwd *f, struct eng_kv *kv, const int32_t *tokens, int n_tokens,
+            float *logits, bool all_logits)
+{
+    const struct eng_hparams *hp = &f->m->hp;
+    if (n_tokens < 1)
+        return -EINVAL;
+    for (int i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= hp->n_vocab)
+            return -EINVAL;
+    }
+    if (n_tokens > kv->n_ctx - kv->n_past || kv->n_past + n_tokens > f->n_ctx)
+        return -E2BIG;
+    int n_past0 = kv->n_past;
+    for (int done = 0; done < n_tokens;) {
+        int n = n_tokens - done < f->n_batch ? n_tokens - done : f->n_batch;
+        bool last = done + n == n_tokens;
+        float *out = NULL;
+        if (logits && all_logits)
+            out = logits + (size_t)done * hp->n_vocab;
+        else if (logits && last)
+            out = logits;
+        int rc = forward_chunk(f, kv, tokens + done, n, out, all_logits);
+        if (rc < 0) {
+            kv->n_past = n_past0;
+            return rc;
+        }
+        done += n;
+    }
+    return 0;
+}

@@ -1,0 +1,13 @@
+/* attn_int: the SIMD attention kernels behind kern_attn_f32 (same contract; head_dim a multiple
+ * of the vector width and at most 256). */
+#ifndef KERN_CPU_ATTN_INT_H
+#define KERN_CPU_ATTN_INT_H
+
+#include <stddef.h>
+
+void kern_attn_f32_avx2(float *out, const float *q, const float *k, const float *v, int n_kv,
+                        int n_q, int head_dim, size_t stride, float scale, float *scratch);
+void kern_attn_f32_avx512(float *out, const float *q, const float *k, const float *v, int n_kv,
+                          int n_q, int head_dim, size_t stride, float scale, float *scratch);
+
+#endif

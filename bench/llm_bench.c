@@ -1,0 +1,276 @@
+/*
+ * llm-bench: engine benchmarks that print figures and ratios (never pass or fail on time).
+ *
+ * Single sequence, like llama-bench: pp (prompt processing of N random tokens in one batch into an
+ * empty cache) and tg (N tokens generated one at a time from an empty cache), each repeated and
+ * reported as the median; plus the memory read bandwidth measured in the same run with the same
+ * threads, and tg as a fraction of the bandwidth floor (weight bytes read per token / bandwidth).
+ * With --json FILE the results are appended as one JSON object per line.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/cm_util.h"
+#include "engine/gguf.h"
+#include "engine/model.h"
+#include "kernels/kern.h"
+
+/* ---- Memory bandwidth ---- */
+
+struct bw_task {
+    const uint64_t *buf;
+    size_t n_words;
+    uint64_t sink[64];
+};
+
+static void
+bw_read(void *ctx, int ith, int nth)
+{
+    struct bw_task *t = ctx;
+    size_t per = t->n_words / (size_t)nth;
+    const uint64_t *p = t->buf + per * (size_t)ith;
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    for (size_t i = 0; i + 8 <= per; i += 8) {
+        a0 += p[i];
+        a1 += p[i + 1];
+        a2 += p[i + 2];
+        a3 += p[i + 3];
+        a4 += p[i + 4];
+        a5 += p[i + 5];
+        a6 += p[i + 6];
+        a7 += p[i + 7];
+    }
+    t->sink[ith % 64] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7;
+}
+
+/* Best of reps passes over a buffer much larger than the caches, in GB/s. */
+static double
+measure_bandwidth(struct kern_pool *pool, size_t bytes, int reps)
+{
+    struct bw_task t = {0};
+    uint64_t *buf = malloc(bytes);
+    if (!buf)
+        return 0;
+    for (size_t i = 0; i < bytes / 8; i++)
+        buf[i] = i * 0x9e3779b97f4a7c15ull;
+    t.buf = buf;
+    t.n_words = bytes / 8;
+    double best = 0;
+    for (int r = 0; r < reps; r++) {
+        uint64_t t0 = cm_now_ns();
+        kern_pool_run(pool, bw_read, &t);
+        double s = (double)(cm_now_ns() - t0) / 1e9;
+        double gbs = (double)bytes / s / 1e9;
+        if (gbs > best)
+            best = gbs;
+    }
+    free(buf);
+    return best;
+}
+
+/* ---- Engine runs ---- */
+
+static int
+cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double
+median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof(*v), cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static uint64_t
+next_rand(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+/* pp: n_tokens random tokens in one batch into an empty cache; returns tok/s. */
+static double
+run_pp(struct eng_fwd *fwd, struct eng_kv *kv, const struct eng_model *m, int n_tokens,
+       float *logits)
+{
+    int32_t *toks = cm_xmalloc((size_t)n_tokens * sizeof(*toks));
+    uint64_t s = 0x1234567;
+    for (int i = 0; i < n_tokens; i++)
+        toks[i] = (int32_t)(next_rand(&s) % (uint64_t)m->hp.n_vocab);
+    kv->n_past = 0;
+    uint64_t t0 = cm_now_ns();
+    int rc = eng_forward(fwd, kv, toks, n_tokens, logits, false);
+    double sec = (double)(cm_now_ns() - t0) / 1e9;
+    free(toks);
+    return rc < 0 ? 0 : n_tokens / sec;
+}
+
+/* tg: n_tokens single-token steps from an empty cache; returns tok/s. */
+static double
+run_tg(struct eng_fwd *fwd, struct eng_kv *kv, const struct eng_model *m, int n_tokens,
+       float *logits)
+{
+    uint64_t s = 0x7654321;
+    kv->n_past = 0;
+    uint64_t t0 = cm_now_ns();
+    for (int i = 0; i < n_tokens; i++) {
+        int32_t tok = (int32_t)(next_rand(&s) % (uint64_t)m->hp.n_vocab);
+        if (eng_forward(fwd, kv, &tok, 1, logits, false) < 0)
+            return 0;
+    }
+    double sec = (double)(cm_now_ns() - t0) / 1e9;
+    return n_tokens / sec;
+}
+
+/* Writes s as a JSON string body (quotes, backslashes and control bytes escaped). */
+static void
+json_str(FILE *f, const char *s)
+{
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            fprintf(f, "\\%c", ch);
+        else if (ch < 0x20)
+            fprintf(f, "\\u%04x", ch);
+        else
+            fputc(ch, f);
+    }
+}
+
+static void
+usage(FILE *f)
+{
+    fprintf(f, "usage: llm-bench -m MODEL [-t THREADS] [--pp N] [--tg N] [--reps N] "
+               "[--bw-mb MB] [--json FILE] [--label TEXT]\n"
+               "  -m, --model FILE   GGUF model\n"
+               "  -t, --threads N    compute threads (default: online CPUs)\n"
+               "      --pp N         prompt tokens for the prompt-processing test (default 512)\n"
+               "      --tg N         tokens for the generation test (default 128)\n"
+               "      --reps N       repetitions; the median is reported (default 3)\n"
+               "      --bw-mb MB     buffer for the bandwidth test (default 1024)\n"
+               "      --json FILE    append the results as one JSON line\n"
+               "      --label TEXT   a label stored in the JSON line (e.g. the git commit)\n");
+}
+
+int
+main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"model", required_argument, 0, 'm'}, {"threads", required_argument, 0, 't'},
+        {"pp", required_argument, 0, 'p'},    {"tg", required_argument, 0, 'g'},
+        {"reps", required_argument, 0, 'r'},  {"bw-mb", required_argument, 0, 'b'},
+        {"json", required_argument, 0, 'j'},  {"label", required_argument, 0, 'l'},
+        {"help", no_argument, 0, 'h'},        {0, 0, 0, 0},
+    };
+    const char *model = NULL, *json = NULL, *label = "";
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int n_threads = ncpu > 0 ? (int)ncpu : 1, n_pp = 512, n_tg = 128, reps = 3, bw_mb = 1024;
+    int c;
+    while ((c = getopt_long(argc, argv, "m:t:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 't': n_threads = atoi(optarg); break;
+        case 'p': n_pp = atoi(optarg); break;
+        case 'g': n_tg = atoi(optarg); break;
+        case 'r': reps = atoi(optarg); break;
+        case 'b': bw_mb = atoi(optarg); break;
+        case 'j': json = optarg; break;
+        case 'l': label = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (!model || n_threads < 1 || n_pp < 1 || n_tg < 1 || reps < 1 || reps > 100 || bw_mb < 64) {
+        usage(stderr);
+        return 2;
+    }
+
+    int ret = 1;
+    char err[ENG_GGUF_ERR_LEN] = "";
+    struct eng_gguf *g = NULL;
+    struct eng_model *m = NULL;
+    struct kern_pool *pool = NULL;
+    struct eng_fwd *fwd = NULL;
+    struct eng_kv *kv = NULL;
+    float *logits = NULL;
+    int n_ctx = (n_pp > n_tg ? n_pp : n_tg) + 1;
+    if (eng_gguf_open(model, &g, err, sizeof(err)) < 0 ||
+        eng_model_load(g, &m, err, sizeof(err)) < 0) {
+        fprintf(stderr, "llm-bench: %s: %s\n", model, err);
+        goto out;
+    }
+    if (kern_pool_new(n_threads, &pool) < 0 || eng_fwd_new(m, pool, 512, n_ctx, &fwd) < 0 ||
+        eng_kv_new(m, n_ctx, &kv) < 0 ||
+        !(logits = malloc((size_t)m->hp.n_vocab * sizeof(float)))) {
+        fprintf(stderr, "llm-bench: cannot allocate the engine\n");
+        goto out;
+    }
+
+    double *pp = cm_xcalloc((size_t)reps, sizeof(double));
+    double *tg = cm_xcalloc((size_t)reps, sizeof(double));
+    double *bw = cm_xcalloc((size_t)reps, sizeof(double));
+    /* Warm-up: fault in the weights and wake the pool. */
+    run_tg(fwd, kv, m, 4, logits);
+    /* Alternate the three measurements so drift in the machine affects each alike. */
+    for (int r = 0; r < reps; r++) {
+        bw[r] = measure_bandwidth(pool, (size_t)bw_mb << 20, 2);
+        pp[r] = run_pp(fwd, kv, m, n_pp, logits);
+        tg[r] = run_tg(fwd, kv, m, n_tg, logits);
+    }
+    double pp_med = median(pp, reps), tg_med = median(tg, reps), bw_med = median(bw, reps);
+    size_t wbytes = eng_model_weight_bytes(m);
+    double floor_tps = bw_med * 1e9 / (double)wbytes;
+
+    printf("model: %s (%.1f MiB of weights read per token), %d threads, ISA %s\n", m->name,
+           (double)wbytes / (1 << 20), n_threads, kern_isa_name(kern_cpu_isa()));
+    printf("memory read bandwidth: %.1f GB/s\n", bw_med);
+    printf("pp%d: %.1f tok/s\n", n_pp, pp_med);
+    printf("tg%d: %.1f tok/s (bandwidth floor %.1f tok/s: %.0f%% of it)\n", n_tg, tg_med,
+           floor_tps, 100.0 * tg_med / floor_tps);
+    if (json) {
+        FILE *f = fopen(json, "a");
+        if (!f) {
+            fprintf(stderr, "llm-bench: %s: %s\n", json, strerror(errno));
+        } else {
+            char host[128] = "";
+            gethostname(host, sizeof(host) - 1);
+            fprintf(f, "{\"timestamp\":%lld,\"label\":\"", (long long)time(NULL));
+            json_str(f, label);
+            fprintf(f, "\",\"host\":\"");
+            json_str(f, host);
+            fprintf(f, "\",\"model\":\"");
+            json_str(f, m->name);
+            fprintf(f,
+                    "\",\"threads\":%d,\"isa\":\"%s\",\"bandwidth_gbs\":%.2f,\"pp\":%d,"
+                    "\"pp_tps\":%.2f,\"tg\":%d,\"tg_tps\":%.2f,\"weight_bytes\":%zu,"
+                    "\"tg_floor_fraction\":%.4f}\n",
+                    n_threads,
+                    kern_isa_name(kern_cpu_isa()), bw_med, n_pp, pp_med, n_tg, tg_med, wbytes,
+                    tg_med / floor_tps);
+            fclose(f);
+        }
+    }
+    free(pp);
+    free(tg);
+    free(bw);
+    ret = 0;
+out:
+    free(logits);
+    eng_kv_free(kv);
+    eng_fwd_free(fwd);
+    kern_pool_free(pool);
+    eng_model_free(m);
+    eng_gguf_close(g);
+    return ret;
+}

@@ -119,6 +119,15 @@ const struct kern_cpu_type_ops *kern_cpu_type_ops_isa(enum kern_isa isa, enum ke
 
 const struct kern_cpu_isa_ops *kern_cpu_isa_ops(enum kern_isa isa);
 
+/* ---- Pool scratch (pool.c) ---- */
+
+/* A 64-byte aligned buffer of at least bytes owned by the pool, grown as needed (contents are not
+ * kept). Returns 0 or -ENOMEM (the old buffer stays valid). Only the pool's driving thread. */
+int kern_cpu_pool_scratch(struct kern_pool *pool, size_t bytes, void **out);
+
+/* Workers currently asleep on the futex (tests use it to reach the sleeping state). */
+int kern_cpu_pool_n_sleeping(struct kern_pool *pool);
+
 /* ---- Reference canonical forms and kernels (dot_ref.c) ---- */
 
 void kern_cpu_canon_q4_0_ref(const void *row, int64_t n, uint8_t *qc, float *d, float *m);

@@ -1,0 +1,208 @@
+/*
+ * matmul: kern_matmul (the engine's hot path), its double-precision reference, and the checks.
+ *
+ * ---- Activation quantization: the exact spec (tests/ and a numpy reference re-implement it) ----
+ *
+ * Float weights (F32, F16, BF16): activations stay f32; each output is the f32 sum of f32 products
+ * (the SIMD kernels sum in a different order).
+ *
+ * Quantized weights: each activation row is cut into blocks of blk elements, blk = 32 for Q4_0,
+ * Q4_1, Q5_0, Q5_1, Q8_0 and blk = 256 for Q4_K, Q5_K, Q6_K. Per block:
+ *     amax = max |x|                       (f32)
+ *     d    = amax / 127                    (f32, kept as f32, not fp16)
+ *     id   = d != 0 ? 127 / amax : 0       (f32)
+ *     q    = clamp(rint(x * id), -127, 127) with x * id rounded to f32 first and rint rounding
+ *            half to even (what _mm*_cvtps_epi32 does under the default MXCSR)
+ * The weights are seen per scale unit of 32 elements (16 for Q6_K) as x_w = dw * (qc - off) + mw
+ * with integer qc (cpu_int.h: canonical form; for the K-quants dw = d * sc_j and mw = -dmin * mn_j).
+ * Per unit u the activation side keeps d (the d of the block holding u), s = d * sum(q over u)
+ * (f32) and the integer sum of q over u. The output is
+ *     y = sum over units u, in order, of (dw_u * d_u) * isum_u + mw_u * s_u      (f32)
+ *     isum_u = sum over the unit of (qc - off) * q                               (exact integer)
+ * which is the usual ggml scheme: integer accumulation inside a unit, f32 across units. SIMD kernels
+ * compute the same isum_u exactly and differ only in the order of the f32 sums.
+ *
+ * ---- Work split ----
+ *
+ * The activations are quantized once per call (split across the pool by token rows), then the
+ * output rows are handed out in chunks from an atomic counter. A kernel reads each weight row (or
+ * each group of 16 rows) once for every token of the batch.
+ */
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cpu/cpu_int.h"
+#include "kernels/kern.h"
+
+#define ALIGN64(n) (((n) + 63) & ~(size_t)63)
+#define QUANT_INLINE_ELEMS 32768 /* below this many activations, quantize on the calling thread */
+
+int
+kern_matrix_check(const struct kern_matrix *w)
+{
+    if (!w || w->n_in <= 0 || w->n_out <= 0 || !w->data)
+        return -EINVAL;
+    const struct kern_dtype_traits *t = kern_dtype_traits((uint32_t)w->type);
+    if (!t)
+        return -EINVAL;
+    if (!t->supported || !kern_cpu_isa_ref.types[w->type].dequant)
+        return -ENOTSUP;
+    if (w->n_in % t->block_elems || w->n_in > (INT64_C(1) << 30))
+        return -EINVAL;
+    if (w->row_bytes != kern_row_bytes((uint32_t)w->type, w->n_in))
+        return -EINVAL;
+    return 0;
+}
+
+/* ---- Tasks ---- */
+
+struct quant_task {
+    const float *x;
+    struct kern_cpu_act *act;
+    kern_cpu_act_quant_fn fn;
+    int blk;
+};
+
+static void
+quant_task(void *ctx, int ith, int nth)
+{
+    struct quant_task *qt = ctx;
+    int n = qt->act->n_tok;
+    int t0 = (int)((int64_t)n * ith / nth), t1 = (int)((int64_t)n * (ith + 1) / nth);
+    if (t0 < t1)
+        qt->fn(qt->x, qt->act, qt->blk, t0, t1);
+}
+
+struct rows_task {
+    struct kern_cpu_mm mm;
+    kern_cpu_rows_fn fn;
+    int64_t chunk;
+    _Atomic int64_t next;
+    uint8_t *scratch;
+    size_t thread_bytes;
+};
+
+static void
+rows_task(void *ctx, int ith, int nth)
+{
+    (void)nth;
+    struct rows_task *rt = ctx;
+    int64_t n_out = rt->mm.w->n_out;
+    void *scratch = rt->scratch + (size_t)ith * rt->thread_bytes;
+    for (;;) {
+        int64_t r0 = atomic_fetch_add_explicit(&rt->next, rt->chunk, memory_order_relaxed);
+        if (r0 >= n_out)
+            break;
+        int64_t r1 = r0 + rt->chunk < n_out ? r0 + rt->chunk : n_out;
+        rt->fn(&rt->mm, r0, r1, scratch);
+    }
+}
+
+/* ---- kern_matmul ---- */
+
+/* Lays out the activation arrays at the start of buf; returns the bytes used (buf NULL: sizes). */
+static size_t
+act_layout(struct kern_cpu_act *a, uint8_t *buf)
+{
+    size_t n_q = (size_t)a->n_tok * (size_t)a->n_in;
+    size_t n_u = (size_t)a->n_tok * (size_t)a->n_units;
+    size_t off = 0;
+    a->q = (int8_t *)(buf + off);
+    off += ALIGN64(n_q);
+    a->d = (float *)(buf + off);
+    off += ALIGN64(n_u * sizeof(float));
+    a->s = (float *)(buf + off);
+    off += ALIGN64(n_u * sizeof(float));
+    a->corr = (int32_t *)(buf + off);
+    off += ALIGN64(n_u * sizeof(int32_t));
+    a->dcorr = (int32_t *)(buf + off);
+    off += ALIGN64(n_q / 4 * sizeof(int32_t));
+    return off;
+}
+
+static int64_t
+chunk_rows(int64_t n_out, int nth, int align)
+{
+    int64_t c = (n_out + (int64_t)nth * 4 - 1) / ((int64_t)nth * 4);
+    c = (c + align - 1) / align * align;
+    return c > 0 ? c : align;
+}
+
+int
+kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x, int n_tok,
+            float *y)
+{
+    int rc = kern_matrix_check(w);
+    if (rc)
+        return rc;
+    if (!pool || n_tok < 0)
+        return -EINVAL;
+    if (n_tok == 0)
+        return 0;
+    const struct kern_cpu_isa_ops *iops = kern_cpu_isa_ops(kern_cpu_isa());
+    const struct kern_cpu_type_ops *tops = kern_cpu_type_ops_isa(iops->isa, w->type);
+    int nth = kern_pool_n_threads(pool);
+
+    struct kern_cpu_act act = {.n_tok = n_tok, .n_in = w->n_in, .x = x};
+    size_t act_bytes = 0;
+    if (tops->unit) {
+        act.unit = tops->unit;
+        act.n_units = w->n_in / tops->unit;
+        act.off = tops->off;
+        act_bytes = act_layout(&act, NULL);
+    }
+    size_t thread_bytes = ALIGN64(kern_cpu_mm_scratch_bytes(w->n_in));
+    uint8_t *buf = NULL;
+    rc = kern_cpu_pool_scratch(pool, act_bytes + (size_t)nth * thread_bytes, (void **)&buf);
+    if (rc)
+        return rc;
+    if (tops->unit) {
+        act_layout(&act, buf);
+        struct quant_task qt = {.x = x, .act = &act, .fn = iops->act_quant, .blk = tops->act_blk};
+        if ((int64_t)n_tok * w->n_in < QUANT_INLINE_ELEMS || nth == 1)
+            quant_task(&qt, 0, 1);
+        else
+            kern_pool_run(pool, quant_task, &qt);
+    }
+
+    struct rows_task rt = {
+        .mm = {.w = w, .act = &act, .y = y, .n_tok = n_tok},
+        .fn = n_tok >= iops->batch_min ? tops->rows_batch : tops->rows,
+        .chunk = chunk_rows(w->n_out, nth, iops->row_align),
+        .scratch = buf + act_bytes,
+        .thread_bytes = thread_bytes,
+    };
+    atomic_init(&rt.next, 0);
+    kern_pool_run(pool, rows_task, &rt);
+    return 0;
+}
+
+/* ---- Reference ---- */
+
+int
+kern_matmul_ref(const struct kern_matrix *w, const float *x, int n_tok, float *y)
+{
+    int rc = kern_matrix_check(w);
+    if (rc)
+        return rc;
+    if (n_tok < 0)
+        return -EINVAL;
+    float *row = malloc(sizeof(float) * (size_t)w->n_in);
+    if (!row)
+        return -ENOMEM;
+    for (int64_t o = 0; o < w->n_out; o++) {
+        kern_cpu_isa_ref.types[w->type].dequant((const uint8_t *)w->data + o * (int64_t)w->row_bytes,
+                                                 row, w->n_in);
+        for (int t = 0; t < n_tok; t++) {
+            const float *xt = x + (int64_t)t * w->n_in;
+            double acc = 0.0;
+            for (int64_t k = 0; k < w->n_in; k++)
+                acc += (double)row[k] * (double)xt[k];
+            y[(int64_t)t * w->n_out + o] = (float)acc;
+        }
+    }
+    free(row);
+    return 0;
+}

@@ -9,11 +9,13 @@
  *   each tensor's data starts at data_section + offset, offset a multiple of the alignment.
  *   string = u64 length + bytes (no NUL); array value = u32 element type + u64 count + elements.
  *
- * eng_gguf_open validates everything before anything is used: magic, version, counts against the
- * file size, every string and array length, value types, tensor dims (each >= 1, product without
- * overflow), known tensor types, row sizes divisible by the block size, offsets aligned, and every
- * tensor's bytes inside the file. A bad file is one error message naming the problem and -EBADMSG;
- * nothing asserts or crashes on file contents.
+ * eng_gguf_open validates everything before anything is used: magic, version (v1 and big-endian
+ * files are rejected), counts against the file size, every string and array length, value types
+ * (no arrays of arrays; bools 0 or 1), unique keys and tensor names, general.alignment (a u32 power
+ * of two), tensor dims (1..4 dims, each >= 1, product without overflow), tensor types known and
+ * supported by the kernels, row sizes divisible by the block size, offsets aligned, and every
+ * tensor's bytes inside the file (tensors may overlap). A bad file is one error message naming the
+ * problem and -EBADMSG; nothing asserts or crashes on file contents.
  *
  * Ownership: struct eng_gguf owns the mapping and the tables. Every pointer it hands out (strings,
  * arrays, tensor data) points into the mapping or its tables and is valid until eng_gguf_close.
@@ -102,8 +104,10 @@ struct eng_gguf {
 /*
  * Opens and validates path. On success *out owns the mapping. On failure returns a negative errno
  * (-ENOENT, -EACCES, ... from open/mmap; -EBADMSG for an invalid file; -ENOMEM) and, when err is
- * not NULL, writes a one-line message naming the problem (e.g. "tensor blk.3.attn_q.weight: data
- * at offset 123456 + 73728 bytes runs past the end of the file (98000 bytes)").
+ * not NULL, writes a one-line message naming the problem (e.g. "bad GGUF file: tensor
+ * 'blk.3.attn_q.weight' data [offset 123456, 73728 bytes] runs past the end of the file (98000
+ * bytes, data section at byte 6112)"; OS errors: "cannot open PATH: No such file or directory").
+ * Names from the file are quoted with non-printable bytes escaped and cut after 64 characters.
  */
 int eng_gguf_open(const char *path, struct eng_gguf **out, char *err, size_t err_len);
 
@@ -120,7 +124,8 @@ const struct eng_gguf_kv *eng_gguf_find(const struct eng_gguf *g, const char *ke
 const struct eng_gguf_tensor *eng_gguf_find_tensor(const struct eng_gguf *g, const char *name);
 
 /* Typed getters. Integers of any width and signedness convert when the value fits; a value of
- * another type or out of range is -EBADMSG. Missing key: -ENOENT. *out is written on success only. */
+ * another type or out of range is -EBADMSG. Missing key: -ENOENT. *out is written on success only.
+ * get_f32 takes F32/F64 (finite values beyond float range: -EBADMSG) and also any integer. */
 int eng_gguf_get_u32(const struct eng_gguf *g, const char *key, uint32_t *out);
 int eng_gguf_get_i64(const struct eng_gguf *g, const char *key, int64_t *out);
 int eng_gguf_get_f32(const struct eng_gguf *g, const char *key, float *out);
@@ -128,7 +133,8 @@ int eng_gguf_get_bool(const struct eng_gguf *g, const char *key, bool *out);
 int eng_gguf_get_str(const struct eng_gguf *g, const char *key, struct eng_gguf_str *out);
 int eng_gguf_get_arr(const struct eng_gguf *g, const char *key, struct eng_gguf_arr *out);
 
-/* Element i of a numeric array as i64 / f32 (the array type must be integer / float). */
+/* Element i of a numeric array as i64 (integer and bool arrays; u64 above INT64_MAX clamps) / f32
+ * (float and integer arrays). An index out of range or an array of another type gives 0. */
 int64_t eng_gguf_arr_i64(const struct eng_gguf_arr *a, uint64_t i);
 float eng_gguf_arr_f32(const struct eng_gguf_arr *a, uint64_t i);
 
@@ -140,5 +146,9 @@ const char *eng_gguf_vtype_name(enum eng_gguf_vtype t);
 /* Prints the header, every key/value (arrays abbreviated to their first elements) and the tensor
  * table (name, type, shape, offset, bytes) to f. Used by `llm-run --inspect`. */
 void eng_gguf_print(const struct eng_gguf *g, FILE *f);
+
+/* Testing only (fault injection): the nth allocation made by this module from now on fails
+ * (n = 1: the next one); 0 disables. Not thread-safe. */
+void eng_gguf_test_fail_alloc(long n);
 
 #endif

@@ -1,0 +1,811 @@
+/*
+ * mkgguf: writes a tiny llama-family GGUF model with random weights, for tests (no downloads).
+ *
+ * The model is complete: llama or qwen2 hyper-parameters, every tensor a loader needs under the
+ * standard GGUF names, and a byte-level BPE tokenizer ("gpt2", pre "gpt-2") whose 256 byte tokens,
+ * four merges and three ChatML control tokens work end to end, plus a ChatML chat template.
+ * Weights come from a seeded splitmix64 stream per tensor (same options, same file) with std
+ * 1/sqrt(row length), so activations stay O(1) through the layers. --corrupt KIND writes one of a
+ * set of bad files instead (see usage()); the first ten are broken GGUF, the last three are valid
+ * GGUF but a wrong model, which the model loader has to reject.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/cm_util.h"
+#include "kernels/kern.h"
+#include "kernels/quant.h"
+
+#define MK_ALIGN 32
+#define MK_MAX_TENSORS 1024
+#define MK_N_BYTE_TOKENS 256
+
+struct mk_opts {
+    const char *out;
+    enum kern_dtype type;
+    const char *arch;
+    int layers, dim, heads, kv_heads, ffn, ctx;
+    uint64_t seed;
+    bool tied;
+    uint32_t version;
+    const char *corrupt;
+};
+
+struct mk_tensor {
+    char name[64];
+    uint32_t n_dims;
+    uint64_t ne[2];
+    enum kern_dtype type;
+    float mean, std; /* weights are mean + std * (uniform with unit variance) */
+    uint64_t offset; /* in the data section */
+    uint64_t n_bytes;
+    size_t info_pos; /* where its tensor-info record starts in the info buffer */
+};
+
+struct mk_buf {
+    uint8_t *p;
+    size_t len, cap;
+};
+
+struct mk_model {
+    struct mk_tensor t[MK_MAX_TENSORS];
+    int n_tensors;
+    char **tokens;
+    int n_tokens;
+    struct mk_buf kv, info;
+    uint64_t n_kv;
+    size_t first_key_pos; /* offset of the first key's length in kv */
+    uint64_t data_bytes;
+};
+
+/* ---- Byte buffer ---- */
+
+static void
+buf_put(struct mk_buf *b, const void *p, size_t n)
+{
+    if (b->len + n > b->cap) {
+        b->cap = (b->len + n) * 2 + 256;
+        b->p = cm_xrealloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+}
+
+static void
+buf_u32(struct mk_buf *b, uint32_t v)
+{
+    buf_put(b, &v, 4);
+}
+
+static void
+buf_u64(struct mk_buf *b, uint64_t v)
+{
+    buf_put(b, &v, 8);
+}
+
+static void
+buf_str(struct mk_buf *b, const char *s)
+{
+    buf_u64(b, strlen(s));
+    buf_put(b, s, strlen(s));
+}
+
+static void
+patch_u32(struct mk_buf *b, size_t pos, uint32_t v)
+{
+    memcpy(b->p + pos, &v, 4);
+}
+
+static void
+patch_u64(struct mk_buf *b, size_t pos, uint64_t v)
+{
+    memcpy(b->p + pos, &v, 8);
+}
+
+/* ---- Metadata ---- */
+
+enum { VT_U32 = 4, VT_I32 = 5, VT_F32 = 6, VT_BOOL = 7, VT_STRING = 8, VT_ARRAY = 9 };
+
+static void
+kv_key(struct mk_model *m, const char *key, uint32_t vtype)
+{
+    if (m->n_kv == 0)
+        m->first_key_pos = m->kv.len;
+    buf_str(&m->kv, key);
+    buf_u32(&m->kv, vtype);
+    m->n_kv++;
+}
+
+static void
+kv_u32(struct mk_model *m, const char *key, uint32_t v)
+{
+    kv_key(m, key, VT_U32);
+    buf_u32(&m->kv, v);
+}
+
+static void
+kv_f32(struct mk_model *m, const char *key, float v)
+{
+    kv_key(m, key, VT_F32);
+    buf_put(&m->kv, &v, 4);
+}
+
+static void
+kv_bool(struct mk_model *m, const char *key, bool v)
+{
+    uint8_t b = v;
+    kv_key(m, key, VT_BOOL);
+    buf_put(&m->kv, &b, 1);
+}
+
+static void
+kv_str(struct mk_model *m, const char *key, const char *v)
+{
+    kv_key(m, key, VT_STRING);
+    buf_str(&m->kv, v);
+}
+
+static void
+kv_arr_str(struct mk_model *m, const char *key, char *const *v, int n)
+{
+    kv_key(m, key, VT_ARRAY);
+    buf_u32(&m->kv, VT_STRING);
+    buf_u64(&m->kv, (uint64_t)n);
+    for (int i = 0; i < n; i++)
+        buf_str(&m->kv, v[i]);
+}
+
+static void
+kv_arr_i32(struct mk_model *m, const char *key, const int32_t *v, int n)
+{
+    kv_key(m, key, VT_ARRAY);
+    buf_u32(&m->kv, VT_I32);
+    buf_u64(&m->kv, (uint64_t)n);
+    buf_put(&m->kv, v, (size_t)n * 4);
+}
+
+static void
+kv_archf(struct mk_model *m, const struct mk_opts *o, const char *suffix, uint32_t v)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", o->arch, suffix);
+    kv_u32(m, key, v);
+}
+
+/* ---- Tokenizer: GPT-2 byte-level BPE ---- */
+
+static const char *const merge_tokens[] = {"\xc4\xa0t", "he", "\xc4\xa0the", "in"};
+static const char *const merges[] = {"\xc4\xa0 t", "h e", "\xc4\xa0t he", "i n"};
+static const char *const special_tokens[] = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+#define N_MERGES 4
+#define N_SPECIAL 3
+
+static const char chatml_template[] =
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+    "'<|im_start|>assistant\\n' "
+    "}}{% endif %}";
+
+/* The code point GPT-2's byte-level BPE uses for byte b: printable Latin-1 bytes stand for
+ * themselves, the others are moved, in byte order, to 256 and up. */
+static uint32_t
+byte_to_codepoint(int b)
+{
+    int n = 0;
+    for (int x = 0; x < 256; x++) {
+        bool printable = (x >= '!' && x <= '~') || (x >= 0xa1 && x <= 0xac) || (x >= 0xae);
+        if (x == b)
+            return printable ? (uint32_t)x : (uint32_t)(256 + n);
+        if (!printable)
+            n++;
+    }
+    return 0;
+}
+
+static char *
+utf8_of(uint32_t cp)
+{
+    char *s = cm_xmalloc(4);
+    if (cp < 0x80) {
+        s[0] = (char)cp;
+        s[1] = 0;
+    } else {
+        s[0] = (char)(0xc0 | (cp >> 6));
+        s[1] = (char)(0x80 | (cp & 0x3f));
+        s[2] = 0;
+    }
+    return s;
+}
+
+static void
+build_vocab(struct mk_model *m)
+{
+    m->n_tokens = MK_N_BYTE_TOKENS + N_MERGES + N_SPECIAL;
+    m->tokens = cm_xcalloc((size_t)m->n_tokens, sizeof(char *));
+    for (int b = 0; b < MK_N_BYTE_TOKENS; b++)
+        m->tokens[b] = utf8_of(byte_to_codepoint(b));
+    for (int i = 0; i < N_MERGES; i++)
+        m->tokens[MK_N_BYTE_TOKENS + i] = cm_xstrdup(merge_tokens[i]);
+    for (int i = 0; i < N_SPECIAL; i++)
+        m->tokens[MK_N_BYTE_TOKENS + N_MERGES + i] = cm_xstrdup(special_tokens[i]);
+}
+
+static void
+write_metadata(struct mk_model *m, const struct mk_opts *o)
+{
+    int32_t types[MK_N_BYTE_TOKENS + N_MERGES + N_SPECIAL];
+    int first_special = MK_N_BYTE_TOKENS + N_MERGES;
+    uint32_t vocab_meta = (uint32_t)m->n_tokens;
+    char key[128];
+    if (o->corrupt && strcmp(o->corrupt, "vocab") == 0)
+        vocab_meta += 5;
+    kv_str(m, "general.architecture", o->arch);
+    kv_str(m, "general.name", "mkgguf tiny test model");
+    kv_u32(m, "general.alignment", MK_ALIGN);
+    kv_archf(m, o, "context_length", (uint32_t)o->ctx);
+    kv_archf(m, o, "embedding_length", (uint32_t)o->dim);
+    kv_archf(m, o, "block_count", (uint32_t)o->layers);
+    kv_archf(m, o, "feed_forward_length", (uint32_t)o->ffn);
+    kv_archf(m, o, "attention.head_count", (uint32_t)o->heads);
+    kv_archf(m, o, "attention.head_count_kv", (uint32_t)o->kv_heads);
+    kv_archf(m, o, "rope.dimension_count", (uint32_t)(o->dim / o->heads));
+    kv_archf(m, o, "vocab_size", vocab_meta);
+    snprintf(key, sizeof(key), "%s.rope.freq_base", o->arch);
+    kv_f32(m, key, 10000.0f);
+    snprintf(key, sizeof(key), "%s.attention.layer_norm_rms_epsilon", o->arch);
+    kv_f32(m, key, 1e-5f);
+
+    kv_str(m, "tokenizer.ggml.model", "gpt2");
+    kv_str(m, "tokenizer.ggml.pre", "gpt-2");
+    kv_arr_str(m, "tokenizer.ggml.tokens", m->tokens, m->n_tokens);
+    for (int i = 0; i < m->n_tokens; i++)
+        types[i] = i >= first_special ? 3 : 1; /* 3: control, 1: normal */
+    kv_arr_i32(m, "tokenizer.ggml.token_type", types, m->n_tokens);
+    kv_arr_str(m, "tokenizer.ggml.merges", (char *const *)merges, N_MERGES);
+    kv_u32(m, "tokenizer.ggml.bos_token_id", (uint32_t)first_special);     /* <|endoftext|> */
+    kv_u32(m, "tokenizer.ggml.eos_token_id", (uint32_t)first_special + 2); /* <|im_end|> */
+    kv_u32(m, "tokenizer.ggml.padding_token_id", (uint32_t)first_special); /* <|endoftext|> */
+    kv_bool(m, "tokenizer.ggml.add_bos_token", false);
+    kv_str(m, "tokenizer.chat_template", chatml_template);
+}
+
+/* ---- Tensors ---- */
+
+static void
+add_tensor(struct mk_model *m, const char *name, uint64_t ne0, uint64_t ne1, enum kern_dtype type,
+           float mean, float std)
+{
+    struct mk_tensor *t = &m->t[m->n_tensors++];
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->n_dims = ne1 ? 2 : 1;
+    t->ne[0] = ne0;
+    t->ne[1] = ne1 ? ne1 : 1;
+    t->type = ne1 ? type : KERN_DTYPE_F32; /* 1-D tensors are always F32 */
+    t->mean = mean;
+    t->std = std;
+}
+
+/* A matrix with n_out rows of n_in elements. */
+static void
+add_matrix(struct mk_model *m, const char *name, int n_in, int n_out, enum kern_dtype type)
+{
+    add_tensor(m, name, (uint64_t)n_in, (uint64_t)n_out, type, 0.0f, 1.0f / sqrtf((float)n_in));
+}
+
+/* "blk.<l>.<suffix>" in buf. */
+static const char *
+lname(char buf[64], int l, const char *suffix)
+{
+    snprintf(buf, 64, "blk.%d.%s", l, suffix);
+    return buf;
+}
+
+static void
+add_layer(struct mk_model *m, const struct mk_opts *o, int l)
+{
+    int kv_dim = o->dim / o->heads * o->kv_heads;
+    bool qwen2 = strcmp(o->arch, "qwen2") == 0;
+    const char *c = o->corrupt ? o->corrupt : "";
+    char name[64];
+    add_tensor(m, lname(name, l, "attn_norm.weight"), (uint64_t)o->dim, 0, KERN_DTYPE_F32, 1.0f,
+               0.1f);
+    if (!(l == 0 && strcmp(c, "missing") == 0))
+        add_matrix(m, lname(name, l, "attn_q.weight"), o->dim,
+                   l == 0 && strcmp(c, "shape") == 0 ? o->dim / 2 : o->dim, o->type);
+    add_matrix(m, lname(name, l, "attn_k.weight"), o->dim, kv_dim, o->type);
+    add_matrix(m, lname(name, l, "attn_v.weight"), o->dim, kv_dim, o->type);
+    if (qwen2) {
+        add_tensor(m, lname(name, l, "attn_q.bias"), (uint64_t)o->dim, 0, KERN_DTYPE_F32, 0.0f,
+                   0.1f);
+        add_tensor(m, lname(name, l, "attn_k.bias"), (uint64_t)kv_dim, 0, KERN_DTYPE_F32, 0.0f,
+                   0.1f);
+        add_tensor(m, lname(name, l, "attn_v.bias"), (uint64_t)kv_dim, 0, KERN_DTYPE_F32, 0.0f,
+                   0.1f);
+    }
+    add_matrix(m, lname(name, l, "attn_output.weight"), o->dim, o->dim, o->type);
+    add_tensor(m, lname(name, l, "ffn_norm.weight"), (uint64_t)o->dim, 0, KERN_DTYPE_F32, 1.0f,
+               0.1f);
+    add_matrix(m, lname(name, l, "ffn_gate.weight"), o->dim, o->ffn, o->type);
+    add_matrix(m, lname(name, l, "ffn_up.weight"), o->dim, o->ffn, o->type);
+    add_matrix(m, lname(name, l, "ffn_down.weight"), o->ffn, o->dim, o->type);
+}
+
+static int
+build_tensors(struct mk_model *m, const struct mk_opts *o)
+{
+    add_matrix(m, "token_embd.weight", o->dim, m->n_tokens, o->type);
+    for (int l = 0; l < o->layers; l++)
+        add_layer(m, o, l);
+    add_tensor(m, "output_norm.weight", (uint64_t)o->dim, 0, KERN_DTYPE_F32, 1.0f, 0.1f);
+    if (!o->tied)
+        add_matrix(m, "output.weight", o->dim, m->n_tokens, o->type);
+    uint64_t off = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        struct mk_tensor *t = &m->t[i];
+        size_t row = kern_row_bytes((uint32_t)t->type, (int64_t)t->ne[0]);
+        if (row == 0) {
+            fprintf(stderr, "mkgguf: %s: row of %" PRIu64 " is not a multiple of the block size\n",
+                    t->name, t->ne[0]);
+            return -EINVAL;
+        }
+        t->n_bytes = row * t->ne[1];
+        t->offset = off;
+        off = (off + t->n_bytes + MK_ALIGN - 1) / MK_ALIGN * MK_ALIGN;
+    }
+    m->data_bytes =
+        m->n_tensors ? m->t[m->n_tensors - 1].offset + m->t[m->n_tensors - 1].n_bytes : 0;
+    return 0;
+}
+
+static void
+write_tensor_infos(struct mk_model *m)
+{
+    for (int i = 0; i < m->n_tensors; i++) {
+        struct mk_tensor *t = &m->t[i];
+        t->info_pos = m->info.len;
+        buf_str(&m->info, t->name);
+        buf_u32(&m->info, t->n_dims);
+        for (uint32_t d = 0; d < t->n_dims; d++)
+            buf_u64(&m->info, t->ne[d]);
+        buf_u32(&m->info, (uint32_t)t->type);
+        buf_u64(&m->info, t->offset);
+    }
+}
+
+static struct mk_tensor *
+find_tensor(struct mk_model *m, const char *name)
+{
+    for (int i = 0; i < m->n_tensors; i++) {
+        if (strcmp(m->t[i].name, name) == 0)
+            return &m->t[i];
+    }
+    return NULL;
+}
+
+/* ---- Random weights ---- */
+
+static uint64_t
+splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Uniform on [-sqrt(3), sqrt(3)): zero mean, unit variance. */
+static float
+rng_unit(uint64_t *s)
+{
+    double u = (double)(splitmix64(s) >> 11) * 0x1.0p-53;
+    return (float)((2.0 * u - 1.0) * 1.7320508075688772);
+}
+
+/* Each tensor's stream depends only on the seed and its name, not on which tensors precede it. */
+static uint64_t
+tensor_seed(uint64_t seed, const char *name)
+{
+    uint64_t h = seed ^ 0x6a09e667f3bcc909ull;
+    for (const char *p = name; *p; p++)
+        h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
+    return h;
+}
+
+static int
+encode_row(enum kern_dtype type, const float *src, void *dst, int64_t n)
+{
+    uint16_t *h = dst;
+    switch (type) {
+    case KERN_DTYPE_F32:
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return 0;
+    case KERN_DTYPE_F16:
+        for (int64_t i = 0; i < n; i++)
+            h[i] = cm_f32_to_fp16(src[i]);
+        return 0;
+    case KERN_DTYPE_BF16:
+        for (int64_t i = 0; i < n; i++)
+            h[i] = cm_f32_to_bf16(src[i]);
+        return 0;
+    default:
+        return kern_quantize_row(type, src, dst, n);
+    }
+}
+
+static int
+write_tensor_data(FILE *f, const struct mk_tensor *t, uint64_t seed)
+{
+    size_t row_bytes = (size_t)(t->n_bytes / t->ne[1]);
+    float *row = cm_xmalloc((size_t)t->ne[0] * sizeof(float));
+    void *q = cm_xmalloc(row_bytes);
+    uint64_t s = tensor_seed(seed, t->name);
+    int rc = 0;
+    for (uint64_t r = 0; r < t->ne[1]; r++) {
+        for (uint64_t i = 0; i < t->ne[0]; i++)
+            row[i] = t->mean + t->std * rng_unit(&s);
+        rc = encode_row(t->type, row, q, (int64_t)t->ne[0]);
+        if (rc) {
+            fprintf(stderr, "mkgguf: %s: cannot encode a row as type %u (%s)\n", t->name,
+                    (unsigned)t->type, strerror(-rc));
+            break;
+        }
+        if (fwrite(q, 1, row_bytes, f) != row_bytes) {
+            rc = -EIO;
+            break;
+        }
+    }
+    free(row);
+    free(q);
+    return rc;
+}
+
+/* ---- Corruptions ---- */
+
+static const char *const corrupt_kinds[] = {
+    "truncated", "magic", "version",    "offset",  "count", "kvcount", "strlen",
+    "type",      "dims",  "misaligned", "missing", "shape", "vocab",   NULL,
+};
+
+/* Patches the assembled header (magic .. tensor infos) for the header-level corruptions. */
+static int
+corrupt_header(struct mk_model *m, struct mk_buf *hdr, size_t kv_at, size_t info_at, const char *c)
+{
+    struct mk_tensor *q = find_tensor(m, "blk.0.attn_q.weight");
+    size_t q_at = q ? info_at + q->info_pos : 0;
+    size_t q_after_name = q ? q_at + 8 + strlen(q->name) : 0; /* at n_dims */
+    size_t q_type = q ? q_after_name + 4 + 8 * q->n_dims : 0;
+    if (!q && (!strcmp(c, "type") || !strcmp(c, "dims") || !strcmp(c, "misaligned") ||
+               !strcmp(c, "offset"))) {
+        fprintf(stderr, "mkgguf: --corrupt %s needs at least one layer\n", c);
+        return -EINVAL;
+    }
+    if (!strcmp(c, "magic"))
+        memcpy(hdr->p, "GGUX", 4);
+    else if (!strcmp(c, "version"))
+        patch_u32(hdr, 4, 99);
+    else if (!strcmp(c, "count"))
+        patch_u64(hdr, 8, 1ull << 60);
+    else if (!strcmp(c, "kvcount"))
+        patch_u64(hdr, 16, 1ull << 62);
+    else if (!strcmp(c, "strlen"))
+        patch_u64(hdr, kv_at + m->first_key_pos, 1ull << 40);
+    else if (!strcmp(c, "type"))
+        patch_u32(hdr, q_type, 77);
+    else if (!strcmp(c, "dims"))
+        patch_u32(hdr, q_after_name, 9);
+    else if (!strcmp(c, "misaligned"))
+        patch_u64(hdr, q_type + 4, q->offset + 8);
+    else if (!strcmp(c, "offset"))
+        patch_u64(hdr, q_type + 4, (m->data_bytes + 4096 + MK_ALIGN - 1) / MK_ALIGN * MK_ALIGN);
+    return 0;
+}
+
+/* ---- Output ---- */
+
+static int
+write_file(struct mk_model *m, const struct mk_opts *o)
+{
+    struct mk_buf hdr = {0};
+    static const uint8_t zeros[MK_ALIGN];
+    const char *c = o->corrupt ? o->corrupt : "";
+    FILE *f = NULL;
+    int rc = 0;
+    buf_u32(&hdr, 0x46554747u); /* "GGUF" */
+    buf_u32(&hdr, o->version);
+    buf_u64(&hdr, (uint64_t)m->n_tensors);
+    buf_u64(&hdr, m->n_kv);
+    size_t kv_at = hdr.len;
+    buf_put(&hdr, m->kv.p, m->kv.len);
+    size_t info_at = hdr.len;
+    buf_put(&hdr, m->info.p, m->info.len);
+    rc = corrupt_header(m, &hdr, kv_at, info_at, c);
+    if (rc)
+        goto out;
+    f = fopen(o->out, "wb");
+    if (!f) {
+        rc = -errno;
+        fprintf(stderr, "mkgguf: cannot create %s: %s\n", o->out, strerror(errno));
+        goto out;
+    }
+    size_t data_start = (hdr.len + MK_ALIGN - 1) / MK_ALIGN * MK_ALIGN;
+    rc = fwrite(hdr.p, 1, hdr.len, f) == hdr.len ? 0 : -EIO;
+    if (!rc)
+        rc = fwrite(zeros, 1, data_start - hdr.len, f) == data_start - hdr.len ? 0 : -EIO;
+    for (int i = 0; i < m->n_tensors && !rc; i++) {
+        long pos = ftell(f);
+        uint64_t want = data_start + m->t[i].offset;
+        if (pos < 0 || (uint64_t)pos > want ||
+            fwrite(zeros, 1, (size_t)(want - (uint64_t)pos), f) != want - (uint64_t)pos)
+            rc = -EIO;
+        if (!rc)
+            rc = write_tensor_data(f, &m->t[i], o->seed);
+    }
+    if (fflush(f) != 0)
+        rc = rc ? rc : -EIO;
+    if (!rc && !strcmp(c, "truncated") &&
+        ftruncate(fileno(f), (off_t)(data_start + m->data_bytes / 2)))
+        rc = -errno;
+    if (fclose(f) != 0 && !rc)
+        rc = -EIO;
+    if (rc && rc != -EINVAL) {
+        fprintf(stderr, "mkgguf: writing %s failed: %s\n", o->out, strerror(-rc));
+        unlink(o->out);
+    }
+out:
+    free(hdr.p);
+    return rc;
+}
+
+/* ---- Options ---- */
+
+static void
+usage(FILE *f)
+{
+    fprintf(
+        f, "usage: mkgguf -o FILE [--type f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q4_k|q5_k|q6_k]\n"
+           "              [--arch llama|qwen2] [--layers 2] [--dim 64] [--heads 4] [--kv-heads 2]\n"
+           "              [--ffn 128] [--ctx 256] [--seed 1] [--tied|--untied] [--version 2|3]\n"
+           "              [--corrupt KIND]\n"
+           "K-quant types need --dim and --ffn multiples of 256 (default 256 and 512 for them).\n"
+           "KIND: truncated magic version offset count kvcount strlen type dims misaligned\n"
+           "      (broken GGUF), missing shape vocab (valid GGUF, wrong model).\n");
+}
+
+static int
+parse_type(const char *s, enum kern_dtype *out)
+{
+    static const struct {
+        const char *name;
+        enum kern_dtype type;
+    } types[] = {
+        {"f32", KERN_DTYPE_F32},   {"f16", KERN_DTYPE_F16},   {"bf16", KERN_DTYPE_BF16},
+        {"q8_0", KERN_DTYPE_Q8_0}, {"q4_0", KERN_DTYPE_Q4_0}, {"q4_1", KERN_DTYPE_Q4_1},
+        {"q5_0", KERN_DTYPE_Q5_0}, {"q4_k", KERN_DTYPE_Q4_K}, {"q5_k", KERN_DTYPE_Q5_K},
+        {"q6_k", KERN_DTYPE_Q6_K},
+    };
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        if (strcmp(s, types[i].name) == 0) {
+            *out = types[i].type;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+static int
+parse_int(const char *s, const char *opt, int lo, int hi, int *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || !end || *end || end == s || v < lo || v > hi) {
+        fprintf(stderr, "mkgguf: %s wants an integer in %d..%d, not '%s'\n", opt, lo, hi, s);
+        return -EINVAL;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int
+check_opts(struct mk_opts *o, bool dim_set, bool ffn_set)
+{
+    bool kquant =
+        o->type == KERN_DTYPE_Q4_K || o->type == KERN_DTYPE_Q5_K || o->type == KERN_DTYPE_Q6_K;
+    int block = kquant ? KERN_QK_K
+                       : (o->type == KERN_DTYPE_F32 || o->type == KERN_DTYPE_F16 ||
+                                  o->type == KERN_DTYPE_BF16
+                              ? 1
+                              : KERN_QK);
+    if (kquant && !dim_set)
+        o->dim = 256;
+    if (kquant && !ffn_set)
+        o->ffn = 512;
+    if (!o->out) {
+        fprintf(stderr, "mkgguf: -o FILE is required\n");
+        return -EINVAL;
+    }
+    if (o->dim % block || o->ffn % block) {
+        fprintf(stderr, "mkgguf: --dim %d and --ffn %d must be multiples of %d for this type\n",
+                o->dim, o->ffn, block);
+        return -EINVAL;
+    }
+    if (o->dim % o->heads || (o->dim / o->heads) % 2 || o->heads % o->kv_heads) {
+        fprintf(stderr,
+                "mkgguf: --dim %d, --heads %d, --kv-heads %d: need an even head size and "
+                "heads a multiple of kv-heads\n",
+                o->dim, o->heads, o->kv_heads);
+        return -EINVAL;
+    }
+    if (strcmp(o->arch, "llama") != 0 && strcmp(o->arch, "qwen2") != 0) {
+        fprintf(stderr, "mkgguf: --arch must be llama or qwen2\n");
+        return -EINVAL;
+    }
+    if (o->version != 2 && o->version != 3) {
+        fprintf(stderr, "mkgguf: --version must be 2 or 3\n");
+        return -EINVAL;
+    }
+    if (o->corrupt) {
+        int i = 0;
+        while (corrupt_kinds[i] && strcmp(corrupt_kinds[i], o->corrupt) != 0)
+            i++;
+        if (!corrupt_kinds[i]) {
+            fprintf(stderr, "mkgguf: unknown --corrupt kind '%s'\n", o->corrupt);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+/* Returns 0, 1 for --help, or -EINVAL (message printed). */
+static int
+parse_opts(int argc, char **argv, struct mk_opts *o)
+{
+    enum {
+        O_TYPE = 256,
+        O_ARCH,
+        O_LAYERS,
+        O_DIM,
+        O_HEADS,
+        O_KV_HEADS,
+        O_FFN,
+        O_CTX,
+        O_SEED,
+        O_TIED,
+        O_UNTIED,
+        O_VERSION,
+        O_CORRUPT,
+        O_HELP
+    };
+    static const struct option longopts[] = {
+        {"type", required_argument, NULL, O_TYPE},
+        {"arch", required_argument, NULL, O_ARCH},
+        {"layers", required_argument, NULL, O_LAYERS},
+        {"dim", required_argument, NULL, O_DIM},
+        {"heads", required_argument, NULL, O_HEADS},
+        {"kv-heads", required_argument, NULL, O_KV_HEADS},
+        {"ffn", required_argument, NULL, O_FFN},
+        {"ctx", required_argument, NULL, O_CTX},
+        {"seed", required_argument, NULL, O_SEED},
+        {"tied", no_argument, NULL, O_TIED},
+        {"untied", no_argument, NULL, O_UNTIED},
+        {"version", required_argument, NULL, O_VERSION},
+        {"corrupt", required_argument, NULL, O_CORRUPT},
+        {"help", no_argument, NULL, O_HELP},
+        {NULL, 0, NULL, 0},
+    };
+    bool dim_set = false, ffn_set = false;
+    int c, v = 0, rc = 0;
+    while (!rc && (c = getopt_long(argc, argv, "o:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'o':
+            o->out = optarg;
+            break;
+        case O_TYPE:
+            rc = parse_type(optarg, &o->type);
+            if (rc)
+                fprintf(stderr, "mkgguf: unknown --type '%s'\n", optarg);
+            break;
+        case O_ARCH:
+            o->arch = optarg;
+            break;
+        case O_LAYERS:
+            rc = parse_int(optarg, "--layers", 0, 256, &o->layers);
+            break;
+        case O_DIM:
+            rc = parse_int(optarg, "--dim", 2, 65536, &o->dim);
+            dim_set = true;
+            break;
+        case O_HEADS:
+            rc = parse_int(optarg, "--heads", 1, 1024, &o->heads);
+            break;
+        case O_KV_HEADS:
+            rc = parse_int(optarg, "--kv-heads", 1, 1024, &o->kv_heads);
+            break;
+        case O_FFN:
+            rc = parse_int(optarg, "--ffn", 1, 262144, &o->ffn);
+            ffn_set = true;
+            break;
+        case O_CTX:
+            rc = parse_int(optarg, "--ctx", 1, 1 << 24, &o->ctx);
+            break;
+        case O_SEED:
+            rc = parse_int(optarg, "--seed", 0, INT32_MAX, &v);
+            o->seed = (uint64_t)v;
+            break;
+        case O_TIED:
+        case O_UNTIED:
+            o->tied = c == O_TIED;
+            break;
+        case O_VERSION:
+            rc = parse_int(optarg, "--version", 2, 3, &v);
+            o->version = (uint32_t)v;
+            break;
+        case O_CORRUPT:
+            o->corrupt = optarg;
+            break;
+        case 'h':
+        case O_HELP:
+            return 1;
+        default:
+            rc = -EINVAL;
+            break;
+        }
+    }
+    if (!rc && optind < argc) {
+        fprintf(stderr, "mkgguf: unexpected argument '%s'\n", argv[optind]);
+        rc = -EINVAL;
+    }
+    return rc ? rc : check_opts(o, dim_set, ffn_set);
+}
+
+int
+main(int argc, char **argv)
+{
+    struct mk_opts o = {
+        .type = KERN_DTYPE_F32,
+        .arch = "llama",
+        .layers = 2,
+        .dim = 64,
+        .heads = 4,
+        .kv_heads = 2,
+        .ffn = 128,
+        .ctx = 256,
+        .seed = 1,
+        .tied = false,
+        .version = 3,
+    };
+    struct mk_model *m = NULL;
+    int rc = parse_opts(argc, argv, &o);
+    if (rc) {
+        usage(rc > 0 ? stdout : stderr);
+        return rc > 0 ? 0 : 2;
+    }
+    m = cm_xcalloc(1, sizeof(*m));
+    if (o.layers * 13 + 3 > MK_MAX_TENSORS) {
+        fprintf(stderr, "mkgguf: too many layers\n");
+        rc = -EINVAL;
+        goto out;
+    }
+    build_vocab(m);
+    write_metadata(m, &o);
+    rc = build_tensors(m, &o);
+    if (rc)
+        goto out;
+    write_tensor_infos(m);
+    rc = write_file(m, &o);
+out:
+    for (int i = 0; m->tokens && i < m->n_tokens; i++)
+        free(m->tokens[i]);
+    free(m->tokens);
+    free(m->kv.p);
+    free(m->info.p);
+    free(m);
+    return rc ? 1 : 0;
+}

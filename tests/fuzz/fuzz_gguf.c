@@ -3,7 +3,11 @@
  * accepted file is then walked completely (every key, value, array element, string byte and tensor
  * byte range, every lookup and getter, and the --inspect printer), so ASan/UBSan see any pointer
  * the reader handed out that does not lie inside the input. A rejected file must come with a
- * one-line message. Seeds: tests/fuzz/corpus/gguf/.
+ * one-line message. Seeds (tests/fuzz/corpus/gguf/): mkgguf-q4_0-tied.gguf is `mkgguf --type q4_0
+ * --dim 32 --layers 1 --ffn 32 --heads 2 --kv-heads 1 --tied`; the py-*.gguf files were written
+ * with gguf-py's GGUFWriter (an independent writer): every value type and array kind, each
+ * supported weight type, 3-D and 4-D shapes, alignment 64, a header without tensors, and a copy
+ * patched to version 2.
  */
 #include <errno.h>
 #include <stdint.h>

@@ -273,7 +273,7 @@ apply_penalties(struct eng_sampler *s, float *logits, const int32_t *hist, int n
  *
  * expf from libm costs ~4 ns a call and the compiler does not vectorize it, which made the
  * log-softmax alone 0.6 ms on a 150k vocabulary. exp_lanes is a Cody-Waite reduction and a degree-6
- * Taylor polynomial (relative error < 2e-7 on [-87, 0]) written with GCC/clang vector extensions,
+ * Taylor polynomial (relative error < 3e-7 on (-87, 0]) written with GCC/clang vector extensions,
  * so it is SSE2 on baseline x86-64 and portable elsewhere. Arguments are always <= 0 here; below
  * -87 (and -inf, NaN) the weight is exactly 0, so a banned token can never be drawn. exp_one is the
  * same computation on one value. */

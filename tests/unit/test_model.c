@@ -2,6 +2,7 @@
  * prefill, batched prefill and token-by-token decode agree; bad input leaves the cache as it was. */
 #include <errno.h>
 #include <math.h>
+#include <stdbool.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,15 +17,21 @@
 #include "kernels/kern.h"
 
 struct fixture {
+    /* Agreement bound between two ways of computing the same logits. f32 weights: only the
+     * summation order differs. Quantized weights: a different order can move an activation across
+     * a rounding boundary of its 8-bit quantization, which shifts later values by up to 1/127 of a
+     * block's range; observed up to 0.42% on tiny-q4_1, so the bound is 2%. */
+    double tol;
     struct eng_gguf *g;
     struct eng_model *m;
     struct kern_pool *pool;
 };
 
 static int
-open_model(void **state, const char *type)
+open_model(void **state, const char *type, double tol)
 {
     struct fixture *fx = calloc(1, sizeof(*fx));
+    fx->tol = tol;
     char path[512], err[ENG_GGUF_ERR_LEN];
     const char *build = getenv("BUILD") ? getenv("BUILD") : "build";
     snprintf(path, sizeof(path), "%s/tests/models/tiny-%s.gguf", build, type);
@@ -48,13 +55,13 @@ open_model(void **state, const char *type)
 static int
 setup_q4_1(void **state)
 {
-    return open_model(state, "q4_1");
+    return open_model(state, "q4_1", 2e-2);
 }
 
 static int
 setup_f32(void **state)
 {
-    return open_model(state, "f32");
+    return open_model(state, "f32", 1e-4);
 }
 
 static int
@@ -95,6 +102,25 @@ max_rel_err(const float *a, const float *b, int n_rows, int n_cols)
     return worst;
 }
 
+static int
+argmax(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        best = x[i] > x[best] ? i : best;
+    return best;
+}
+
+static bool
+same_argmax(const float *a, const float *b, int n_rows, int n_cols)
+{
+    for (int r = 0; r < n_rows; r++) {
+        if (argmax(a + (size_t)r * n_cols, n_cols) != argmax(b + (size_t)r * n_cols, n_cols))
+            return false;
+    }
+    return true;
+}
+
 /* Logits of every prompt position with the prompt split into chunks of n_batch tokens. */
 static float *
 prefill_all(struct fixture *fx, int n_batch, const int32_t *toks, int n)
@@ -120,9 +146,8 @@ test_model_chunked_prefill_matches_one_batch(void **state)
     make_tokens(fx->m, toks, N_TOK);
     float *one = prefill_all(fx, 64, toks, N_TOK);
     float *chunked = prefill_all(fx, 5, toks, N_TOK);
-    double e = max_rel_err(chunked, one, N_TOK, fx->m->hp.n_vocab);
-    /* Each token's activations are quantized on their own, so only summation order differs. */
-    assert_true(e < 1e-4);
+    assert_true(max_rel_err(chunked, one, N_TOK, fx->m->hp.n_vocab) < fx->tol);
+    assert_true(same_argmax(chunked, one, N_TOK, fx->m->hp.n_vocab));
     free(one);
     free(chunked);
 }
@@ -142,7 +167,8 @@ test_model_decode_matches_prefill(void **state)
     assert_int_equal(eng_kv_new(fx->m, 64, &kv), 0);
     for (int i = 0; i < N_TOK; i++)
         assert_int_equal(eng_forward(f, kv, &toks[i], 1, dec + (size_t)i * n_vocab, false), 0);
-    assert_true(max_rel_err(dec, pre, N_TOK, n_vocab) < 1e-4);
+    assert_true(max_rel_err(dec, pre, N_TOK, n_vocab) < fx->tol);
+    assert_true(same_argmax(dec, pre, N_TOK, n_vocab));
     eng_kv_free(kv);
     eng_fwd_free(f);
     free(pre);

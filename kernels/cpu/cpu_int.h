@@ -57,6 +57,8 @@ struct kern_cpu_act {
     float *s;        /* (n_tok, n_units) d * sum of q over the unit */
     int32_t *corr;   /* (n_tok, n_units) -off * sum of q over the unit */
     int32_t *dcorr;  /* (n_tok, n_in / 4) -off * sum of q over each group of 4 (SIMD kernels) */
+    uint8_t *prep;   /* (n_tok, prep_stride) a small-batch kernel's own layout, or NULL */
+    size_t prep_stride;
 };
 
 /* Quantizes the activation rows [t0, t1) of a into their slots (x is the f32 input, n_in per row).
@@ -92,6 +94,10 @@ struct kern_cpu_type_ops {
     kern_cpu_canon_fn canon;
     kern_cpu_rows_fn rows;       /* small batches (n_tok < batch_min) or every batch */
     kern_cpu_rows_fn rows_batch; /* large batches; NULL: rows */
+    /* Optional re-layout of quantized activations for rows: bytes per token (64-aligned) and the
+     * conversion of tokens [t0, t1) into act->prep. Set together with rows. */
+    size_t (*prep_bytes)(int64_t n_in);
+    void (*prep)(struct kern_cpu_act *a, int t0, int t1);
     int unit;                    /* canonical scale unit (0: float type) */
     int act_blk;                 /* activation quantization block: 32 or 256 (0: f32) */
     int off;                     /* canonical offset */

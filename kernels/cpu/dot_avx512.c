@@ -1,15 +1,974 @@
 /*
- * dot_avx512: the avx512 kernels of the CPU backend (work in progress: entries left NULL fall back to
- * the reference kernels).
+ * dot_avx512: the AVX-512 (F/BW/VL/DQ + VNNI) kernels of the CPU backend. Compiled with the
+ * AVX-512 flags; only called after kern_cpu_best_isa() found the features.
+ *
+ * Every quantized type is handled by the same two kernel bodies, specialised at compile time
+ * through always-inline helpers that know the block layout:
+ *   unpack64(e0)  the 64 canonical bytes qc of elements [e0, e0 + 64) of a row, natural order
+ *   scales16(c)   dw and mw of the 16 scale units of chunk c (16 * unit elements)
+ *
+ * Small batches (rows_*): each row is unpacked 64 elements at a time and applied to up to four
+ * tokens held in registers. vpdpbusd multiplies the unsigned qc by the signed activations; the
+ * offset of the offset types enters as the per-dword correction dcorr the activation quantizer
+ * stored, so each lane's integer sum is exact. Lane l of a 64-element step belongs to one unit;
+ * the f32 scales dw * da of the chunk's 16 units are spread onto the lanes with vpermps.
+ *
+ * Large batches (rows_batch_*): 32 rows at a time are converted to canonical form and interleaved
+ * so that a zmm holds the same 4 elements of 16 rows; the activations' 4-byte groups are then
+ * broadcast, and one vpdpbusd does 16 rows x 4 elements. Per unit and token the integer sums
+ * start from the unit's correction corr, and are scaled once: 8 (unit 32) vpdpbusd per
+ * cvt + mul + fma. Weights are read once per call and reused from L1/L2 for every token tile.
  */
+#include <immintrin.h>
+#include <string.h>
+
 #include "kernels/cpu/cpu_int.h"
 
-static const struct kern_cpu_type_ops avx512_types[KERN_DTYPE_COUNT];
+#define AI static inline __attribute__((always_inline))
+
+enum kt {
+    KT_Q4_0,
+    KT_Q4_1,
+    KT_Q5_0,
+    KT_Q5_1,
+    KT_Q8_0,
+    KT_Q4_K,
+    KT_Q5_K,
+    KT_Q6_K,
+};
+
+/* ---- Per-type facts (constant-folded) ---- */
+
+AI int
+kt_unit(int kt)
+{
+    return kt == KT_Q6_K ? 16 : 32;
+}
+
+AI int
+kt_bs(int kt)
+{
+    static const int bs[] = {18, 20, 22, 24, 34, 144, 176, 210};
+    return bs[kt];
+}
+
+AI int
+kt_has_min(int kt)
+{
+    return kt == KT_Q4_1 || kt == KT_Q5_1 || kt == KT_Q4_K || kt == KT_Q5_K;
+}
+
+AI int
+kt_off(int kt)
+{
+    static const int off[] = {8, 0, 16, 0, 128, 0, 0, 32};
+    return off[kt];
+}
+
+AI int
+kt_is_k(int kt)
+{
+    return kt >= KT_Q4_K;
+}
+
+AI float
+h2f(const uint8_t *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+AI uint32_t
+ld32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+AI void
+k_scale_min(const uint8_t *q, int j, uint8_t *sc, uint8_t *mn)
+{
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *mn = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* ---- Unpacking: 64 canonical bytes ---- */
+
+/* Two 16-byte nibble arrays -> [lo(x0), hi(x0), lo(x1), hi(x1)]; half: x0 only, upper zero. */
+AI __m512i
+unpack_nibbles2(const uint8_t *p0, const uint8_t *p1, int half)
+{
+    __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p0));
+    if (!half)
+        z = _mm512_mask_broadcast_i32x4(z, 0xFF00, _mm_loadu_si128((const __m128i *)p1));
+    const __m512i cnt = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0,
+                                         0x0004000400040004, 0x0004000400040004, 0, 0);
+    z = _mm512_and_si512(_mm512_srlv_epi16(z, cnt), _mm512_set1_epi8(0x0F));
+    return half ? _mm512_maskz_mov_epi64(0x0F, z) : z;
+}
+
+AI __m512i
+add_bit4(__m512i z, uint64_t bits)
+{
+    return _mm512_mask_add_epi8(z, _cvtu64_mask64(bits), z, _mm512_set1_epi8(16));
+}
+
+/* Canonical bytes of elements [e0, e0 + 64) (e0 a multiple of 64); half: only 32 exist. */
+AI __m512i
+unpack64(int kt, const uint8_t *row, int64_t e0, int half)
+{
+    const int bs = kt_bs(kt);
+    if (!kt_is_k(kt)) {
+        const uint8_t *b0 = row + (e0 / 32) * bs, *b1 = b0 + bs;
+        switch (kt) {
+        case KT_Q4_0:
+            return unpack_nibbles2(b0 + 2, b1 + 2, half);
+        case KT_Q4_1:
+            return unpack_nibbles2(b0 + 4, b1 + 4, half);
+        case KT_Q5_0: {
+            __m512i z = unpack_nibbles2(b0 + 6, b1 + 6, half);
+            return add_bit4(z, ld32(b0 + 2) | (half ? 0 : (uint64_t)ld32(b1 + 2) << 32));
+        }
+        case KT_Q5_1: {
+            __m512i z = unpack_nibbles2(b0 + 8, b1 + 8, half);
+            return add_bit4(z, ld32(b0 + 4) | (half ? 0 : (uint64_t)ld32(b1 + 4) << 32));
+        }
+        default: { /* Q8_0 */
+            const __m256i x80 = _mm256_set1_epi8((char)0x80);
+            __m256i y0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b0 + 2)), x80);
+            __m512i z = _mm512_zextsi256_si512(y0);
+            if (!half)
+                z = _mm512_inserti64x4(
+                    z, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b1 + 2)), x80), 1);
+            return z;
+        }
+        }
+    }
+    const uint8_t *sb = row + (e0 / 256) * bs;
+    int v = (int)((e0 % 256) / 64);
+    if (kt == KT_Q6_K) {
+        int h = v / 2, odd = v & 1;
+        __m512i ql = _mm512_loadu_si512((const void *)(sb + 64 * h));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * h)));
+        __m512i lo = odd ? _mm512_srli_epi16(ql, 4) : ql;
+        lo = _mm512_and_si512(lo, _mm512_set1_epi8(0x0F));
+        __m512i cnt = odd ? _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4)
+                          : _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+        cnt = _mm512_or_si512(cnt, _mm512_slli_epi64(cnt, 16));
+        cnt = _mm512_or_si512(cnt, _mm512_slli_epi64(cnt, 32));
+        __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(qh, cnt), _mm512_set1_epi8(3));
+        return _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
+    }
+    const uint8_t *qs = sb + (kt == KT_Q4_K ? 16 : 48) + 32 * v;
+    __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs));
+    const __m512i cnt = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                         0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
+    z = _mm512_and_si512(_mm512_srlv_epi16(z, cnt), _mm512_set1_epi8(0x0F));
+    if (kt == KT_Q5_K) {
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
+        uint32_t lo = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << (2 * v))));
+        uint32_t hi = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << (2 * v + 1))));
+        z = add_bit4(z, lo | (uint64_t)hi << 32);
+    }
+    return z;
+}
+
+/* ---- Scales of 16 units ---- */
+
+/* dw and mw of units [16c, 16c + nu_c) (the rest zero). */
+AI void
+scales16(int kt, const uint8_t *row, int64_t c, int nu_c, __m512 *dw, __m512 *mw)
+{
+    const int bs = kt_bs(kt);
+    __mmask16 um = (__mmask16)((1u << nu_c) - 1);
+    if (!kt_is_k(kt)) {
+        const __m512i vidx = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(bs));
+        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), um, vidx,
+                                                (const void *)(row + c * 16 * bs), 1);
+        *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        *mw = kt_has_min(kt) ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)))
+                             : _mm512_setzero_ps();
+        return;
+    }
+    if (kt == KT_Q6_K) {
+        const uint8_t *sb = row + c * bs;
+        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sb + 192)));
+        *dw = _mm512_mul_ps(_mm512_set1_ps(h2f(sb + 208)), _mm512_cvtepi32_ps(sc));
+        *mw = _mm512_setzero_ps();
+        return;
+    }
+    uint8_t sc[16] = {0}, mn[16] = {0};
+    float dd[2] = {0.0f, 0.0f}, dm[2] = {0.0f, 0.0f};
+    for (int s = 0; s < nu_c / 8; s++) {
+        const uint8_t *sb = row + (2 * c + s) * bs;
+        for (int j = 0; j < 8; j++)
+            k_scale_min(sb + 4, j, &sc[8 * s + j], &mn[8 * s + j]);
+        dd[s] = h2f(sb);
+        dm[s] = h2f(sb + 2);
+    }
+    __m512 vd = _mm512_insertf32x8(_mm512_set1_ps(dd[0]), _mm256_set1_ps(dd[1]), 1);
+    __m512 vm = _mm512_insertf32x8(_mm512_set1_ps(dm[0]), _mm256_set1_ps(dm[1]), 1);
+    __m512 fs = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc)));
+    __m512 fm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)mn)));
+    *dw = _mm512_mul_ps(vd, fs);
+    *mw = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(vm, fm)),
+                                               _mm512_set1_epi32((int)0x80000000)));
+}
+
+/* Lane -> unit (within the chunk) for 64-element step v. */
+AI __m512i
+lane_units(int unit, int v)
+{
+    if (unit == 32)
+        return _mm512_set_epi32(2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1,
+                                2 * v + 1, 2 * v + 1, 2 * v, 2 * v, 2 * v, 2 * v, 2 * v, 2 * v,
+                                2 * v, 2 * v);
+    return _mm512_add_epi32(_mm512_set1_epi32(4 * v),
+                            _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+}
+
+/* ---- Dequantization and canonical rows ---- */
+
+AI void
+dequant_generic(int kt, const void *src, float *dst, int64_t n)
+{
+    const uint8_t *row = src;
+    const int unit = kt_unit(kt), off = kt_off(kt);
+    int64_t nu = n / unit;
+    for (int64_t c = 0; c * 16 < nu; c++) {
+        int nu_c = (int)(nu - c * 16 < 16 ? nu - c * 16 : 16);
+        __m512 dw, mw;
+        scales16(kt, row, c, nu_c, &dw, &mw);
+        int64_t ec = c * 16 * unit;
+        for (int v = 0; v * 64 < nu_c * unit; v++) {
+            int half = nu_c * unit - v * 64 < 64;
+            __m512i z = unpack64(kt, row, ec + 64 * v, half);
+            for (int i = 0; i < (half ? 2 : 4); i++) {
+                __m512i qi = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 0));
+                switch (i) {
+                case 1:
+                    qi = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 1));
+                    break;
+                case 2:
+                    qi = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 2));
+                    break;
+                case 3:
+                    qi = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 3));
+                    break;
+                }
+                if (off)
+                    qi = _mm512_sub_epi32(qi, _mm512_set1_epi32(off));
+                int u = unit == 32 ? 2 * v + i / 2 : 4 * v + i;
+                __m512i iu = _mm512_set1_epi32(u);
+                __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(qi), _mm512_permutexvar_ps(iu, dw));
+                if (kt_has_min(kt))
+                    y = _mm512_add_ps(y, _mm512_permutexvar_ps(iu, mw));
+                _mm512_storeu_ps(dst + ec + 64 * v + 16 * i, y);
+            }
+        }
+    }
+}
+
+AI void
+canon_generic(int kt, const void *src, int64_t n, uint8_t *qc, float *d, float *m)
+{
+    const uint8_t *row = src;
+    const int unit = kt_unit(kt);
+    int64_t nu = n / unit;
+    for (int64_t c = 0; c * 16 < nu; c++) {
+        int nu_c = (int)(nu - c * 16 < 16 ? nu - c * 16 : 16);
+        __mmask16 um = (__mmask16)((1u << nu_c) - 1);
+        __m512 dw, mw;
+        scales16(kt, row, c, nu_c, &dw, &mw);
+        _mm512_mask_storeu_ps(d + c * 16, um, dw);
+        _mm512_mask_storeu_ps(m + c * 16, um, mw);
+        int64_t ec = c * 16 * unit;
+        for (int v = 0; v * 64 < nu_c * unit; v++) {
+            int half = nu_c * unit - v * 64 < 64;
+            __m512i z = unpack64(kt, row, ec + 64 * v, half);
+            if (half)
+                _mm256_storeu_si256((__m256i *)(qc + ec + 64 * v), _mm512_castsi512_si256(z));
+            else
+                _mm512_storeu_si512((void *)(qc + ec + 64 * v), z);
+        }
+    }
+}
+
+/* ---- Small-batch kernel ---- */
+
+/* y[t * n_out] for tokens t0 .. t0 + nt - 1 of one row. */
+AI void
+dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int nt, float *y,
+         int64_t n_out)
+{
+    const int unit = kt_unit(kt), has_min = kt_has_min(kt), has_off = kt_off(kt) != 0;
+    const int64_t nu = a->n_units, n_in = a->n_in;
+    __m512 accf[4], accm[4];
+    for (int t = 0; t < nt; t++) {
+        accf[t] = _mm512_setzero_ps();
+        accm[t] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c * 16 < nu; c++) {
+        int nu_c = (int)(nu - c * 16 < 16 ? nu - c * 16 : 16);
+        __mmask16 um = (__mmask16)((1u << nu_c) - 1);
+        __m512 dw, mw, sv[4];
+        scales16(kt, row, c, nu_c, &dw, &mw);
+        for (int t = 0; t < nt; t++) {
+            int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
+            sv[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(um, a->d + ut));
+            if (has_min)
+                accm[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(um, a->s + ut), accm[t]);
+        }
+        int64_t ec = c * 16 * unit;
+        for (int v = 0; v * 64 < nu_c * unit; v++) {
+            int half = nu_c * unit - v * 64 < 64;
+            int64_t e = ec + 64 * v;
+            __m512i w = unpack64(kt, row, e, half);
+            __m512i iu = lane_units(unit, v);
+            for (int t = 0; t < nt; t++) {
+                const int8_t *q = a->q + (int64_t)(t0 + t) * n_in + e;
+                const int32_t *dc = a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4;
+                __m512i av = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q)
+                                  : _mm512_loadu_si512((const void *)q);
+                __m512i acc = _mm512_setzero_si512();
+                if (has_off)
+                    acc = half ? _mm512_maskz_loadu_epi32(0xFF, dc)
+                               : _mm512_loadu_si512((const void *)dc);
+                acc = _mm512_dpbusd_epi32(acc, w, av);
+                accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
+                                          _mm512_permutexvar_ps(iu, sv[t]), accf[t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        y[(int64_t)t * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(accf[t], accm[t]));
+}
+
+AI void
+rows_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
+{
+    const struct kern_matrix *w = mm->w;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + r * (int64_t)w->row_bytes;
+        for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
+            float *y = mm->y + (int64_t)t0 * w->n_out + r;
+            switch (mm->n_tok - t0) {
+            case 1:
+                dot_tile(kt, row, mm->act, t0, 1, y, w->n_out);
+                break;
+            case 2:
+                dot_tile(kt, row, mm->act, t0, 2, y, w->n_out);
+                break;
+            case 3:
+                dot_tile(kt, row, mm->act, t0, 3, y, w->n_out);
+                break;
+            default:
+                dot_tile(kt, row, mm->act, t0, 4, y, w->n_out);
+                break;
+            }
+        }
+    }
+}
+
+/* ---- Large-batch kernel ---- */
+
+#define BT_ROWS 32 /* rows per interleaved tile: two zmm of 16 rows */
+#define BT_TOK 4   /* tokens per register tile */
+
+/* An interleaved tile of 32 rows: q[g] holds, for dword k of the row, 16 rows x 4 bytes at
+ * q[g] + 64 k; d[g] and m[g] hold 16 rows per unit. */
+struct itile {
+    uint8_t *q[2];
+    float *d[2], *m[2];
+};
+
+/* 4-byte group k of token row q, broadcast. */
+AI __m512i
+bcast4(const int8_t *q, int64_t k)
+{
+    int32_t v;
+    memcpy(&v, q + 4 * k, 4);
+    return _mm512_set1_epi32(v);
+}
+
+AI void
+batch_tile(int unit, int has_min, int has_off, const struct itile *it, const struct kern_cpu_act *a,
+           int t0, int nt, float *y, int64_t n_out, __mmask16 rm0, __mmask16 rm1)
+{
+    const int64_t nu = a->n_units, n_in = a->n_in;
+    const int steps = unit / 4;
+    __m512 accf[2][BT_TOK];
+    for (int t = 0; t < nt; t++) {
+        accf[0][t] = _mm512_setzero_ps();
+        accf[1][t] = _mm512_setzero_ps();
+    }
+    const int8_t *q[BT_TOK];
+    for (int t = 0; t < nt; t++)
+        q[t] = a->q + (int64_t)(t0 + t) * n_in;
+    for (int64_t u = 0; u < nu; u++) {
+        __m512i acc[2][BT_TOK];
+        for (int t = 0; t < nt; t++) {
+            __m512i c0 = has_off ? _mm512_set1_epi32(a->corr[(int64_t)(t0 + t) * nu + u])
+                                 : _mm512_setzero_si512();
+            acc[0][t] = c0;
+            acc[1][t] = c0;
+        }
+        const uint8_t *w0 = it->q[0] + u * steps * 64, *w1 = it->q[1] + u * steps * 64;
+        for (int k = 0; k < steps; k++) {
+            __m512i wv0 = _mm512_load_si512((const void *)(w0 + 64 * k));
+            __m512i wv1 = _mm512_load_si512((const void *)(w1 + 64 * k));
+            for (int t = 0; t < nt; t++) {
+                __m512i av = bcast4(q[t], u * steps + k);
+                acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], wv0, av);
+                acc[1][t] = _mm512_dpbusd_epi32(acc[1][t], wv1, av);
+            }
+        }
+        __m512 dw0 = _mm512_load_ps(it->d[0] + u * 16), dw1 = _mm512_load_ps(it->d[1] + u * 16);
+        for (int t = 0; t < nt; t++) {
+            __m512 da = _mm512_set1_ps(a->d[(int64_t)(t0 + t) * nu + u]);
+            accf[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[0][t]), _mm512_mul_ps(dw0, da),
+                                         accf[0][t]);
+            accf[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1][t]), _mm512_mul_ps(dw1, da),
+                                         accf[1][t]);
+        }
+        if (has_min) {
+            __m512 mw0 = _mm512_load_ps(it->m[0] + u * 16), mw1 = _mm512_load_ps(it->m[1] + u * 16);
+            for (int t = 0; t < nt; t++) {
+                __m512 sa = _mm512_set1_ps(a->s[(int64_t)(t0 + t) * nu + u]);
+                accf[0][t] = _mm512_fmadd_ps(mw0, sa, accf[0][t]);
+                accf[1][t] = _mm512_fmadd_ps(mw1, sa, accf[1][t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm512_mask_storeu_ps(y + (int64_t)t * n_out, rm0, accf[0][t]);
+        _mm512_mask_storeu_ps(y + (int64_t)t * n_out + 16, rm1, accf[1][t]);
+    }
+}
+
+AI void
+batch_tiles(int unit, int has_min, int has_off, const struct itile *it, const struct kern_cpu_mm *mm,
+            int64_t r, int nr)
+{
+    int64_t n_out = mm->w->n_out;
+    __mmask16 rm0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+    __mmask16 rm1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+    for (int t0 = 0; t0 < mm->n_tok; t0 += BT_TOK) {
+        float *y = mm->y + (int64_t)t0 * n_out + r;
+        switch (mm->n_tok - t0) {
+        case 1:
+            batch_tile(unit, has_min, has_off, it, mm->act, t0, 1, y, n_out, rm0, rm1);
+            break;
+        case 2:
+            batch_tile(unit, has_min, has_off, it, mm->act, t0, 2, y, n_out, rm0, rm1);
+            break;
+        case 3:
+            batch_tile(unit, has_min, has_off, it, mm->act, t0, 3, y, n_out, rm0, rm1);
+            break;
+        default:
+            batch_tile(unit, has_min, has_off, it, mm->act, t0, BT_TOK, y, n_out, rm0, rm1);
+            break;
+        }
+    }
+}
+
+static void
+batch_tiles_u32_min(const struct itile *it, const struct kern_cpu_mm *mm, int64_t r, int nr)
+{
+    batch_tiles(32, 1, 0, it, mm, r, nr);
+}
+
+static void
+batch_tiles_u32_off(const struct itile *it, const struct kern_cpu_mm *mm, int64_t r, int nr)
+{
+    batch_tiles(32, 0, 1, it, mm, r, nr);
+}
+
+static void
+batch_tiles_u16_off(const struct itile *it, const struct kern_cpu_mm *mm, int64_t r, int nr)
+{
+    batch_tiles(16, 0, 1, it, mm, r, nr);
+}
+
+/* Converts rows [r, r + nr) to an interleaved tile (rows past nr are zero). */
+AI void
+build_tile(int kt, const struct kern_matrix *w, int64_t r, int nr, const struct itile *it,
+           uint8_t *tmp)
+{
+    const int64_t n_in = w->n_in, nu = n_in / kt_unit(kt), n_dw = n_in / 4;
+    float *td = (float *)(tmp + ((n_in + 63) & ~(int64_t)63)), *tm = td + nu + 16;
+    for (int i = 0; i < BT_ROWS; i++) {
+        int g = i / 16, l = i % 16;
+        if (i < nr) {
+            canon_generic(kt, (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes, n_in, tmp,
+                          td, tm);
+        } else {
+            memset(tmp, 0, (size_t)n_in);
+            memset(td, 0, sizeof(float) * (size_t)nu);
+            memset(tm, 0, sizeof(float) * (size_t)nu);
+        }
+        uint32_t *dq = (uint32_t *)it->q[g] + l;
+        const uint32_t *sq = (const uint32_t *)tmp;
+        for (int64_t k = 0; k < n_dw; k++)
+            dq[16 * k] = sq[k];
+        for (int64_t u = 0; u < nu; u++) {
+            it->d[g][16 * u + l] = td[u];
+            it->m[g][16 * u + l] = tm[u];
+        }
+    }
+}
+
+AI void
+rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)
+{
+    const int64_t n_in = mm->w->n_in, nu = n_in / kt_unit(kt);
+    size_t qb = (size_t)n_in * 16, sb = sizeof(float) * 16 * (size_t)nu;
+    uint8_t *p = scratch;
+    struct itile it;
+    for (int g = 0; g < 2; g++) {
+        it.q[g] = p;
+        p += qb;
+        it.d[g] = (float *)p;
+        p += sb;
+        it.m[g] = (float *)p;
+        p += sb;
+    }
+    for (int64_t r = r0; r < r1; r += BT_ROWS) {
+        int nr = (int)(r1 - r < BT_ROWS ? r1 - r : BT_ROWS);
+        build_tile(kt, mm->w, r, nr, &it, p);
+        if (kt_unit(kt) == 16)
+            batch_tiles_u16_off(&it, mm, r, nr);
+        else if (kt_has_min(kt))
+            batch_tiles_u32_min(&it, mm, r, nr);
+        else
+            batch_tiles_u32_off(&it, mm, r, nr);
+    }
+}
+
+/* ---- Small-batch kernels for Q4_0, Q4_1 and Q8_0: whole blocks per lane group ---- */
+
+/*
+ * These read blocks in place: a group of 4 (Q4) or 2 (Q8_0) consecutive blocks is loaded with two
+ * (masked) loads, vpermt2w gathers the quant bytes and vpermw the fp16 scales, so lanes 4j..4j+3
+ * (Q4) or 8j..8j+7 (Q8_0) all belong to block j and one int accumulator covers the whole group.
+ * The activations are re-laid out per group to match (act->prep, one layout per token):
+ *   Q4_0/Q4_1, 256 bytes per 4 blocks: lo[64] = elements 0..15 of each block, hi[64] = 16..31,
+ *              da[16] (lanes 4j..4j+3: d of block j), x[16]: lane 4j holds, for Q4_1, the f32 s of
+ *              block j and, for Q4_0, the int32 corr of block j; other lanes 0.
+ *   Q8_0,      192 bytes per 2 blocks: q[64], corr[16] (int32, lane 8j), da[16] (lanes 8j..8j+7).
+ * Blocks past the end of the row are zero in the layout and masked off on the weight side.
+ */
+#define G4_BYTES 256
+#define PF_TILES 4 /* prefetch distance, in row tiles */
+#define G8_BYTES 192
+
+static size_t
+prep_bytes_q4(int64_t n_in)
+{
+    return (size_t)((n_in / 32 + 3) / 4) * G4_BYTES;
+}
+
+static size_t
+prep_bytes_q8(int64_t n_in)
+{
+    return (size_t)((n_in / 32 + 1) / 2) * G8_BYTES;
+}
+
+static void
+prep_q4(struct kern_cpu_act *a, int t0, int t1)
+{
+    const int64_t nb = a->n_in / 32;
+    for (int t = t0; t < t1; t++) {
+        uint8_t *p = a->prep + (size_t)t * a->prep_stride;
+        const int8_t *q = a->q + (int64_t)t * a->n_in;
+        const float *d = a->d + (int64_t)t * nb, *s = a->s + (int64_t)t * nb;
+        const int32_t *corr = a->corr + (int64_t)t * nb;
+        memset(p, 0, prep_bytes_q4(a->n_in));
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *g = p + (b / 4) * G4_BYTES;
+            int j = (int)(b % 4);
+            memcpy(g + 16 * j, q + 32 * b, 16);
+            memcpy(g + 64 + 16 * j, q + 32 * b + 16, 16);
+            float *da = (float *)(g + 128);
+            for (int l = 0; l < 4; l++)
+                da[4 * j + l] = d[b];
+            if (a->off)
+                memcpy(g + 192 + 16 * j, &corr[b], 4);
+            else
+                memcpy(g + 192 + 16 * j, &s[b], 4);
+        }
+    }
+}
+
+static void
+prep_q8(struct kern_cpu_act *a, int t0, int t1)
+{
+    const int64_t nb = a->n_in / 32;
+    for (int t = t0; t < t1; t++) {
+        uint8_t *p = a->prep + (size_t)t * a->prep_stride;
+        const int8_t *q = a->q + (int64_t)t * a->n_in;
+        const float *d = a->d + (int64_t)t * nb;
+        const int32_t *corr = a->corr + (int64_t)t * nb;
+        memset(p, 0, prep_bytes_q8(a->n_in));
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *g = p + (b / 2) * G8_BYTES;
+            int j = (int)(b % 2);
+            memcpy(g + 32 * j, q + 32 * b, 32);
+            memcpy(g + 64 + 32 * j, &corr[b], 4);
+            float *da = (float *)(g + 128);
+            for (int l = 0; l < 8; l++)
+                da[8 * j + l] = d[b];
+        }
+    }
+}
+
+AI __mmask64
+byte_mask(int n)
+{
+    return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
+}
+
+/* Word indices: quant bytes of 4 Q4 blocks (16 bytes each) or 2 Q8_0 blocks (32 bytes each), and
+ * the scales spread over lanes (d in words 0..15, m in 16..31). */
+AI __m512i
+idx_words(int kt, int which)
+{
+    const int bs = kt_bs(kt), qoff = kt == KT_Q4_1 ? 4 : 2;
+    uint16_t idx[32];
+    for (int i = 0; i < 32; i++) {
+        if (which == 0) /* quant bytes */
+            idx[i] = (uint16_t)(kt == KT_Q8_0 ? (i / 16) * (bs / 2) + 1 + i % 16
+                                               : (i / 8) * (bs / 2) + qoff / 2 + i % 8);
+        else if (kt == KT_Q8_0)
+            idx[i] = (uint16_t)((i % 16) / 8 * (bs / 2));
+        else
+            idx[i] = (uint16_t)((i % 16) / 4 * (bs / 2) + i / 16);
+    }
+    return _mm512_loadu_si512((const void *)idx);
+}
+
+/* R rows x T tokens of a Q4_0/Q4_1/Q8_0 matrix; y points at y[t0 * n_out + r]. */
+AI void
+fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_act *a, int t0,
+          int R, int T, float *y)
+{
+    const int bs = kt_bs(kt), q8 = kt == KT_Q8_0, gb = q8 ? 2 : 4;
+    const int64_t nb = w->n_in / 32, ng = (nb + gb - 1) / gb;
+    const size_t gbytes = q8 ? G8_BYTES : G4_BYTES;
+    const __m512i iq = idx_words(kt, 0), is = idx_words(kt, 1);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char)0x80);
+    const uint8_t *rows[4];
+    __m512 acc[4][4];
+    for (int i = 0; i < R; i++) {
+        rows[i] = (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes;
+        for (int t = 0; t < T; t++)
+            acc[i][t] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        int nbg = (int)(nb - g * gb < gb ? nb - g * gb : gb);
+        __mmask64 m0 = byte_mask(nbg * bs), m1 = byte_mask(nbg * bs - 64);
+        __mmask16 lm = (__mmask16)(nbg == gb ? 0xFFFF : (1u << (16 / gb * nbg)) - 1);
+        const uint8_t *p[4];
+        for (int t = 0; t < T; t++)
+            p[t] = a->prep + (size_t)(t0 + t) * a->prep_stride + (size_t)g * gbytes;
+        /* Rows are contiguous: fetch the tile PF_TILES ahead at the pace this one is read, as the
+         * hardware prefetchers stop at page boundaries. */
+        const uint8_t *pf = rows[0] + (PF_TILES * R + 0) * (int64_t)w->row_bytes + g * gb * bs * R;
+        for (int l = 0; l < gb * bs * R; l += 64)
+            _mm_prefetch((const char *)(pf + l), _MM_HINT_T0);
+        for (int i = 0; i < R; i++) {
+            const uint8_t *base = rows[i] + g * gb * bs;
+            __m512i z0 = _mm512_maskz_loadu_epi8(m0, base);
+            __m512i z1 = _mm512_maskz_loadu_epi8(m1, base + 64);
+            __m512i qs = _mm512_permutex2var_epi16(z0, iq, z1);
+            __m512i sc = _mm512_permutexvar_epi16(is, z0);
+            __m512 dw = _mm512_maskz_cvtph_ps(lm, _mm512_castsi512_si256(sc));
+            if (q8) {
+                __m512i wq = _mm512_xor_si512(qs, x80);
+                for (int t = 0; t < T; t++) {
+                    __m512i ai = _mm512_load_si512((const void *)(p[t] + 64));
+                    ai = _mm512_dpbusd_epi32(ai, wq, _mm512_load_si512((const void *)p[t]));
+                    __m512 sv = _mm512_mul_ps(dw, _mm512_load_ps((const float *)(p[t] + 128)));
+                    acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), sv, acc[i][t]);
+                }
+                continue;
+            }
+            __m512i lo = _mm512_and_si512(qs, m0f);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
+            __m512 mw = _mm512_setzero_ps();
+            if (kt == KT_Q4_1)
+                mw = _mm512_maskz_cvtph_ps(lm, _mm512_extracti64x4_epi64(sc, 1));
+            for (int t = 0; t < T; t++) {
+                __m512i ai = kt == KT_Q4_0 ? _mm512_load_si512((const void *)(p[t] + 192))
+                                           : _mm512_setzero_si512();
+                ai = _mm512_dpbusd_epi32(ai, lo, _mm512_load_si512((const void *)p[t]));
+                ai = _mm512_dpbusd_epi32(ai, hi, _mm512_load_si512((const void *)(p[t] + 64)));
+                __m512 sv = _mm512_mul_ps(dw, _mm512_load_ps((const float *)(p[t] + 128)));
+                acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), sv, acc[i][t]);
+                if (kt == KT_Q4_1)
+                    acc[i][t] =
+                        _mm512_fmadd_ps(mw, _mm512_load_ps((const float *)(p[t] + 192)), acc[i][t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < R; i++)
+            y[(int64_t)t * w->n_out + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+AI void
+rows_fast(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
+{
+    const struct kern_matrix *w = mm->w;
+    for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
+        int nt = mm->n_tok - t0 < 4 ? mm->n_tok - t0 : 4;
+        float *y = mm->y + (int64_t)t0 * w->n_out;
+        int64_t r = r0;
+        switch (nt) {
+        case 1:
+            for (; r + 4 <= r1; r += 4)
+                fast_tile(kt, w, r, mm->act, t0, 4, 1, y + r);
+            for (; r < r1; r++)
+                fast_tile(kt, w, r, mm->act, t0, 1, 1, y + r);
+            break;
+        case 2:
+            for (; r + 4 <= r1; r += 4)
+                fast_tile(kt, w, r, mm->act, t0, 4, 2, y + r);
+            for (; r < r1; r++)
+                fast_tile(kt, w, r, mm->act, t0, 1, 2, y + r);
+            break;
+        case 3:
+            for (; r + 4 <= r1; r += 4)
+                fast_tile(kt, w, r, mm->act, t0, 4, 3, y + r);
+            for (; r < r1; r++)
+                fast_tile(kt, w, r, mm->act, t0, 1, 3, y + r);
+            break;
+        default:
+            for (; r + 4 <= r1; r += 4)
+                fast_tile(kt, w, r, mm->act, t0, 4, 4, y + r);
+            for (; r < r1; r++)
+                fast_tile(kt, w, r, mm->act, t0, 1, 4, y + r);
+            break;
+        }
+    }
+}
+
+#define DEFINE_FAST(name, kt)                                                                      \
+    static void rows_fast_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,             \
+                                 void *scratch)                                                    \
+    {                                                                                              \
+        (void)scratch;                                                                             \
+        rows_fast(kt, mm, r0, r1);                                                                 \
+    }
+
+DEFINE_FAST(q4_0, KT_Q4_0)
+DEFINE_FAST(q4_1, KT_Q4_1)
+DEFINE_FAST(q8_0, KT_Q8_0)
+
+/* ---- Float weights ---- */
+
+static void
+dequant_f16(const void *src, float *dst, int64_t n)
+{
+    const uint16_t *h = src;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+    for (; i < n; i++)
+        dst[i] = _cvtsh_ss(h[i]);
+}
+
+static void
+dequant_bf16(const void *src, float *dst, int64_t n)
+{
+    const uint16_t *h = src;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+    for (; i < n; i++) {
+        uint32_t b = (uint32_t)h[i] << 16;
+        memcpy(dst + i, &b, 4);
+    }
+}
+
+AI void
+float_tile(const float *row, const float *x, int64_t n, int nt, float *y, int64_t n_out)
+{
+    __m512 acc[4];
+    for (int t = 0; t < nt; t++)
+        acc[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m512 wv = _mm512_loadu_ps(row + k);
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * n + k), acc[t]);
+    }
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        __m512 wv = _mm512_maskz_loadu_ps(m, row + k);
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * n + k), acc[t]);
+    }
+    for (int t = 0; t < nt; t++)
+        y[(int64_t)t * n_out] = _mm512_reduce_add_ps(acc[t]);
+}
+
+static void
+rows_float(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)
+{
+    const struct kern_matrix *w = mm->w;
+    const int64_t n = w->n_in;
+    float *buf = scratch;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *src = (const uint8_t *)w->data + r * (int64_t)w->row_bytes;
+        const float *row = buf;
+        if (w->type == KERN_DTYPE_F32)
+            row = (const float *)src;
+        else if (w->type == KERN_DTYPE_F16)
+            dequant_f16(src, buf, n);
+        else
+            dequant_bf16(src, buf, n);
+        for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
+            const float *x = mm->act->x + (int64_t)t0 * n;
+            float *y = mm->y + (int64_t)t0 * w->n_out + r;
+            switch (mm->n_tok - t0) {
+            case 1:
+                float_tile(row, x, n, 1, y, w->n_out);
+                break;
+            case 2:
+                float_tile(row, x, n, 2, y, w->n_out);
+                break;
+            case 3:
+                float_tile(row, x, n, 3, y, w->n_out);
+                break;
+            default:
+                float_tile(row, x, n, 4, y, w->n_out);
+                break;
+            }
+        }
+    }
+}
+
+/* ---- Activation quantizer (bit-identical to kern_cpu_act_quant_ref) ---- */
+
+static void
+act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
+{
+    const int unit = a->unit, off = a->off;
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m128i ones = _mm_set1_epi8(1);
+    for (int t = t0; t < t1; t++) {
+        const float *xt = x + (int64_t)t * a->n_in;
+        int8_t *q = a->q + (int64_t)t * a->n_in;
+        float *d = a->d + (int64_t)t * a->n_units, *s = a->s + (int64_t)t * a->n_units;
+        int32_t *corr = a->corr + (int64_t)t * a->n_units;
+        int32_t *dcorr = a->dcorr + (int64_t)t * (a->n_in / 4);
+        for (int64_t b = 0; b < a->n_in / blk; b++) {
+            const float *xb = xt + b * blk;
+            __m512 mx = _mm512_setzero_ps();
+            for (int i = 0; i < blk; i += 16)
+                mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xb + i), absmask));
+            float amax = _mm512_reduce_max_ps(mx);
+            float db = amax / 127.0f;
+            float id = db != 0.0f ? 127.0f / amax : 0.0f;
+            __m512 vid = _mm512_set1_ps(id);
+            int32_t usum = 0;
+            for (int i = 0; i < blk; i += 16) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), vid));
+                qi = _mm512_min_epi32(_mm512_max_epi32(qi, lo), hi);
+                __m128i qb = _mm512_cvtepi32_epi8(qi);
+                int64_t e = b * blk + i;
+                _mm_storeu_si128((__m128i *)(q + e), qb);
+                __m128i ds = _mm_dpbusd_epi32(_mm_setzero_si128(), ones, qb);
+                _mm_storeu_si128((__m128i *)(dcorr + e / 4),
+                                 _mm_mullo_epi32(ds, _mm_set1_epi32(-off)));
+                usum += _mm512_reduce_add_epi32(qi);
+                if ((i + 16) % unit == 0) {
+                    int64_t iu = (e + 16) / unit - 1;
+                    d[iu] = db;
+                    s[iu] = db * (float)usum;
+                    corr[iu] = -off * usum;
+                    usum = 0;
+                }
+            }
+        }
+    }
+}
+
+/* ---- Instantiations ---- */
+
+#define DEFINE_TYPE(name, kt)                                                                      \
+    static void dequant_##name(const void *src, float *dst, int64_t n)                             \
+    {                                                                                              \
+        dequant_generic(kt, src, dst, n);                                                          \
+    }                                                                                              \
+    static void canon_##name(const void *src, int64_t n, uint8_t *qc, float *d, float *m)          \
+    {                                                                                              \
+        canon_generic(kt, src, n, qc, d, m);                                                       \
+    }                                                                                              \
+    __attribute__((unused)) static void rows_##name(const struct kern_cpu_mm *mm, int64_t r0,    \
+                                                    int64_t r1, void *scratch)                     \
+    {                                                                                              \
+        (void)scratch;                                                                             \
+        rows_generic(kt, mm, r0, r1);                                                              \
+    }                                                                                              \
+    static void rows_batch_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,            \
+                                  void *scratch)                                                   \
+    {                                                                                              \
+        rows_batch_generic(kt, mm, r0, r1, scratch);                                               \
+    }
+
+DEFINE_TYPE(q4_0, KT_Q4_0)
+DEFINE_TYPE(q4_1, KT_Q4_1)
+DEFINE_TYPE(q5_0, KT_Q5_0)
+DEFINE_TYPE(q5_1, KT_Q5_1)
+DEFINE_TYPE(q8_0, KT_Q8_0)
+DEFINE_TYPE(q4_k, KT_Q4_K)
+DEFINE_TYPE(q5_k, KT_Q5_K)
+DEFINE_TYPE(q6_k, KT_Q6_K)
+
+#define QUANT_ENTRY(name)                                                                          \
+    {                                                                                              \
+        .dequant = dequant_##name, .canon = canon_##name, .rows = rows_##name,                     \
+        .rows_batch = rows_batch_##name                                                            \
+    }
+
+#define FAST_ENTRY(name, grp)                                                                      \
+    {                                                                                              \
+        .dequant = dequant_##name, .canon = canon_##name, .rows = rows_fast_##name,                \
+        .rows_batch = rows_batch_##name, .prep_bytes = prep_bytes_##grp, .prep = prep_##grp        \
+    }
+
+static const struct kern_cpu_type_ops avx512_types[KERN_DTYPE_COUNT] = {
+    [KERN_DTYPE_F32] = {.rows = rows_float},
+    [KERN_DTYPE_F16] = {.dequant = dequant_f16, .rows = rows_float},
+    [KERN_DTYPE_BF16] = {.dequant = dequant_bf16, .rows = rows_float},
+    [KERN_DTYPE_Q4_0] = FAST_ENTRY(q4_0, q4),
+    [KERN_DTYPE_Q4_1] = FAST_ENTRY(q4_1, q4),
+    [KERN_DTYPE_Q5_0] = QUANT_ENTRY(q5_0),
+    [KERN_DTYPE_Q5_1] = QUANT_ENTRY(q5_1),
+    [KERN_DTYPE_Q8_0] = FAST_ENTRY(q8_0, q8),
+    [KERN_DTYPE_Q4_K] = QUANT_ENTRY(q4_k),
+    [KERN_DTYPE_Q5_K] = QUANT_ENTRY(q5_k),
+    [KERN_DTYPE_Q6_K] = QUANT_ENTRY(q6_k),
+};
 
 const struct kern_cpu_isa_ops kern_cpu_isa_avx512 = {
     .isa = KERN_ISA_AVX512,
     .types = avx512_types,
-    .act_quant = kern_cpu_act_quant_ref,
-    .batch_min = 1 << 30,
-    .row_align = 1,
+    .act_quant = act_quant,
+    .batch_min = 8,
+    .row_align = BT_ROWS,
 };

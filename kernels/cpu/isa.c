@@ -101,8 +101,11 @@ merge_tables(void)
                 o.dequant = r->dequant;
             if (!o.canon)
                 o.canon = r->canon;
-            if (!o.rows)
+            if (!o.rows) {
                 o.rows = r->rows;
+                o.prep_bytes = NULL;
+                o.prep = NULL;
+            }
             if (!o.rows_batch)
                 o.rows_batch = o.rows;
             o.unit = r->unit;

@@ -62,6 +62,7 @@ struct quant_task {
     const float *x;
     struct kern_cpu_act *act;
     kern_cpu_act_quant_fn fn;
+    void (*prep)(struct kern_cpu_act *a, int t0, int t1); /* or NULL */
     int blk;
 };
 
@@ -71,8 +72,11 @@ quant_task(void *ctx, int ith, int nth)
     struct quant_task *qt = ctx;
     int n = qt->act->n_tok;
     int t0 = (int)((int64_t)n * ith / nth), t1 = (int)((int64_t)n * (ith + 1) / nth);
-    if (t0 < t1)
+    if (t0 < t1) {
         qt->fn(qt->x, qt->act, qt->blk, t0, t1);
+        if (qt->prep)
+            qt->prep(qt->act, t0, t1);
+    }
 }
 
 struct rows_task {
@@ -119,6 +123,10 @@ act_layout(struct kern_cpu_act *a, uint8_t *buf)
     off += ALIGN64(n_u * sizeof(int32_t));
     a->dcorr = (int32_t *)(buf + off);
     off += ALIGN64(n_q / 4 * sizeof(int32_t));
+    if (a->prep_stride) {
+        a->prep = buf + off;
+        off += (size_t)a->n_tok * a->prep_stride;
+    }
     return off;
 }
 
@@ -147,10 +155,13 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
 
     struct kern_cpu_act act = {.n_tok = n_tok, .n_in = w->n_in, .x = x};
     size_t act_bytes = 0;
+    int batched = n_tok >= iops->batch_min;
     if (tops->unit) {
         act.unit = tops->unit;
         act.n_units = w->n_in / tops->unit;
         act.off = tops->off;
+        if (!batched && tops->prep)
+            act.prep_stride = ALIGN64(tops->prep_bytes(w->n_in));
         act_bytes = act_layout(&act, NULL);
     }
     size_t thread_bytes = ALIGN64(kern_cpu_mm_scratch_bytes(w->n_in));
@@ -160,7 +171,11 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
         return rc;
     if (tops->unit) {
         act_layout(&act, buf);
-        struct quant_task qt = {.x = x, .act = &act, .fn = iops->act_quant, .blk = tops->act_blk};
+        struct quant_task qt = {.x = x,
+                                .act = &act,
+                                .fn = iops->act_quant,
+                                .prep = act.prep ? tops->prep : NULL,
+                                .blk = tops->act_blk};
         if ((int64_t)n_tok * w->n_in < QUANT_INLINE_ELEMS || nth == 1)
             quant_task(&qt, 0, 1);
         else
@@ -169,7 +184,7 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
 
     struct rows_task rt = {
         .mm = {.w = w, .act = &act, .y = y, .n_tok = n_tok},
-        .fn = n_tok >= iops->batch_min ? tops->rows_batch : tops->rows,
+        .fn = batched ? tops->rows_batch : tops->rows,
         .chunk = chunk_rows(w->n_out, nth, iops->row_align),
         .scratch = buf + act_bytes,
         .thread_bytes = thread_bytes,

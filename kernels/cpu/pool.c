@@ -1,11 +1,16 @@
 /*
  * pool: the persistent compute threads behind kern_pool_run.
  *
- * Publication: the caller stores the task (fn, ctx), resets the done counter and bumps the
- * generation counter `gen` with release order; a worker that observes a new generation (acquire)
- * runs the task once and bumps `done`. The caller runs ith 0 itself, then waits for done to reach
- * n_threads - 1. The task fields are only rewritten after every worker has reported done, so they
- * need no atomics of their own.
+ * A run hands out the iths 0..nth-1 of one task through the atomic word `work` = (generation << 32
+ * | next ith). The caller writes the task (fn, ctx), resets `done`, stores the new work word
+ * (release) and bumps the futex word `gen`. The caller takes ith 0, then every thread, the caller
+ * included, claims the next ith with a CAS (acquire) until none is left, runs it and bumps `done`
+ * (release); the caller returns when done == nth. So each ith runs exactly once per run, usually on
+ * its own thread; when a worker has lost its core (other processes on the machine) the caller runs
+ * its share instead of waiting for it to be scheduled. A worker touches fn/ctx only after a
+ * successful claim, and the caller does not rewrite them before every claimed ith is done, so the
+ * task fields need no atomics. The generation in the work word makes a CAS against the word of an
+ * earlier run fail; a claim always reads the task published with the word it claimed from.
  *
  * Idle workers spin on gen for about SPIN_NS, then sleep on a futex on gen. The sleeper count is
  * raised before the last look at gen and read by the publisher after bumping gen (both seq_cst),
@@ -40,7 +45,6 @@
 
 struct pool_worker {
     struct kern_pool *pool;
-    int ith;
 };
 
 struct kern_pool {
@@ -49,9 +53,10 @@ struct kern_pool {
     struct pool_worker *workers; /* (n_threads - 1) */
     int n_started;
 
+    _Atomic uint64_t work;   /* run generation << 32 | next ith to claim */
     _Atomic uint32_t gen;    /* futex word: bumped once per published task and at shutdown */
     _Atomic int n_sleeping;  /* workers in (or about to enter) futex_wait */
-    _Atomic int done;        /* workers finished with the current task */
+    _Atomic int done;        /* iths finished in the current run */
     _Atomic bool stop;
 
     kern_task_fn fn; /* the current task, stable while a generation runs */
@@ -94,18 +99,31 @@ wait_generation(struct kern_pool *pool, uint32_t seen)
     }
 }
 
+/* Claims and runs iths of the current run until none is left. */
+static void
+run_claims(struct kern_pool *pool)
+{
+    uint64_t w = atomic_load_explicit(&pool->work, memory_order_acquire);
+    while ((uint32_t)w < (uint32_t)pool->n_threads) {
+        if (!atomic_compare_exchange_weak_explicit(&pool->work, &w, w + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        pool->fn(pool->ctx, (int)(uint32_t)w, pool->n_threads);
+        atomic_fetch_add_explicit(&pool->done, 1, memory_order_release);
+        w = atomic_load_explicit(&pool->work, memory_order_acquire);
+    }
+}
+
 static void *
 worker_main(void *arg)
 {
-    struct pool_worker *wk = arg;
-    struct kern_pool *pool = wk->pool;
+    struct kern_pool *pool = ((struct pool_worker *)arg)->pool;
     uint32_t seen = 0;
     for (;;) {
         seen = wait_generation(pool, seen);
         if (atomic_load_explicit(&pool->stop, memory_order_acquire))
             break;
-        pool->fn(pool->ctx, wk->ith, pool->n_threads);
-        atomic_fetch_add_explicit(&pool->done, 1, memory_order_release);
+        run_claims(pool);
     }
     return NULL;
 }
@@ -139,6 +157,7 @@ kern_pool_new(int n_threads, struct kern_pool **out)
     if (!pool)
         return -ENOMEM;
     pool->n_threads = n_threads;
+    atomic_init(&pool->work, (uint64_t)n_threads); /* generation 0: nothing to claim */
     atomic_init(&pool->gen, 0);
     atomic_init(&pool->n_sleeping, 0);
     atomic_init(&pool->done, 0);
@@ -153,7 +172,6 @@ kern_pool_new(int n_threads, struct kern_pool **out)
     }
     for (int i = 0; i < n_threads - 1; i++) {
         pool->workers[i].pool = pool;
-        pool->workers[i].ith = i + 1;
         int err = pthread_create(&pool->threads[i], NULL, worker_main, &pool->workers[i]);
         if (err) {
             rc = err == EAGAIN ? -EAGAIN : -ENOMEM;
@@ -197,9 +215,14 @@ kern_pool_run(struct kern_pool *pool, kern_task_fn fn, void *ctx)
     pool->fn = fn;
     pool->ctx = ctx;
     atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
+    uint64_t g = (atomic_load_explicit(&pool->work, memory_order_relaxed) >> 32) + 1;
+    atomic_store_explicit(&pool->work, g << 32 | 1, memory_order_release);
     publish(pool);
     fn(ctx, 0, pool->n_threads);
-    for (unsigned i = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < n_workers; i++) {
+    atomic_fetch_add_explicit(&pool->done, 1, memory_order_release);
+    run_claims(pool);
+    for (unsigned i = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < n_workers + 1;
+         i++) {
         cpu_relax();
         if ((i & 4095) == 4095)
             sched_yield(); /* a worker lost its core: let it run */

@@ -5,7 +5,9 @@
  * supported, or what kern_cpu_set_isa forced. Per-ISA tables may leave entries NULL; the merged
  * tables built here fill them from the reference table, so callers never test for NULL.
  */
+#include <cpuid.h>
 #include <errno.h>
+#include <stdbool.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -23,19 +25,24 @@ static const struct kern_cpu_isa_ops *const isa_tables[3] = {
     &kern_cpu_isa_avx512,
 };
 
+/* F16C from CPUID leaf 1 (not every compiler's __builtin_cpu_supports knows it). */
+static bool
+has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 enum kern_isa
 kern_cpu_best_isa(void)
 {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+        __builtin_cpu_supports("avx512vnni"))
         return KERN_ISA_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        return KERN_ISA_AVX2;
-    return KERN_ISA_SCALAR;
+    return avx2 ? KERN_ISA_AVX2 : KERN_ISA_SCALAR;
 }
 
 const char *

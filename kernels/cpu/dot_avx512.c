@@ -313,6 +313,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
     const int unit = kt_unit(kt), has_min = kt_has_min(kt), has_off = kt_off(kt) != 0;
     const int64_t nu = a->n_units, n_in = a->n_in;
     __m512 accf[4], accm[4];
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         accf[t] = _mm512_setzero_ps();
         accm[t] = _mm512_setzero_ps();
@@ -322,6 +323,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
         __mmask16 um = (__mmask16)((1u << nu_c) - 1);
         __m512 dw, mw, sv[4];
         scales16(kt, row, c, nu_c, &dw, &mw);
+        #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
             sv[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(um, a->d + ut));
@@ -334,6 +336,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
             int64_t e = ec + 64 * v;
             __m512i w = unpack64(kt, row, e, half);
             __m512i iu = lane_units(unit, v);
+            #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const int8_t *q = a->q + (int64_t)(t0 + t) * n_in + e;
                 const int32_t *dc = a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4;
@@ -349,6 +352,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
             }
         }
     }
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         y[(int64_t)t * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(accf[t], accm[t]));
 }
@@ -407,15 +411,18 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
     const int64_t nu = a->n_units, n_in = a->n_in;
     const int steps = unit / 4;
     __m512 accf[2][BT_TOK];
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         accf[0][t] = _mm512_setzero_ps();
         accf[1][t] = _mm512_setzero_ps();
     }
     const int8_t *q[BT_TOK];
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         q[t] = a->q + (int64_t)(t0 + t) * n_in;
     for (int64_t u = 0; u < nu; u++) {
         __m512i acc[2][BT_TOK];
+        #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             __m512i c0 = has_off ? _mm512_set1_epi32(a->corr[(int64_t)(t0 + t) * nu + u])
                                  : _mm512_setzero_si512();
@@ -423,9 +430,11 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
             acc[1][t] = c0;
         }
         const uint8_t *w0 = it->q[0] + u * steps * 64, *w1 = it->q[1] + u * steps * 64;
+        #pragma GCC unroll 8
         for (int k = 0; k < steps; k++) {
             __m512i wv0 = _mm512_load_si512((const void *)(w0 + 64 * k));
             __m512i wv1 = _mm512_load_si512((const void *)(w1 + 64 * k));
+            #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 __m512i av = bcast4(q[t], u * steps + k);
                 acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], wv0, av);
@@ -433,6 +442,7 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
             }
         }
         __m512 dw0 = _mm512_load_ps(it->d[0] + u * 16), dw1 = _mm512_load_ps(it->d[1] + u * 16);
+        #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             __m512 da = _mm512_set1_ps(a->d[(int64_t)(t0 + t) * nu + u]);
             accf[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[0][t]), _mm512_mul_ps(dw0, da),
@@ -442,6 +452,7 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
         }
         if (has_min) {
             __m512 mw0 = _mm512_load_ps(it->m[0] + u * 16), mw1 = _mm512_load_ps(it->m[1] + u * 16);
+            #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 __m512 sa = _mm512_set1_ps(a->s[(int64_t)(t0 + t) * nu + u]);
                 accf[0][t] = _mm512_fmadd_ps(mw0, sa, accf[0][t]);
@@ -449,6 +460,7 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
             }
         }
     }
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         _mm512_mask_storeu_ps(y + (int64_t)t * n_out, rm0, accf[0][t]);
         _mm512_mask_storeu_ps(y + (int64_t)t * n_out + 16, rm1, accf[1][t]);
@@ -534,6 +546,7 @@ rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,
     size_t qb = (size_t)n_in * 16, sb = sizeof(float) * 16 * (size_t)nu;
     uint8_t *p = scratch;
     struct itile it;
+    #pragma GCC unroll 8
     for (int g = 0; g < 2; g++) {
         it.q[g] = p;
         p += qb;
@@ -668,8 +681,10 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
     const __m512i m0f = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char)0x80);
     const uint8_t *rows[4];
     __m512 acc[4][4];
+    #pragma GCC unroll 8
     for (int i = 0; i < R; i++) {
         rows[i] = (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes;
+        #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
             acc[i][t] = _mm512_setzero_ps();
     }
@@ -678,6 +693,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
         __mmask64 m0 = byte_mask(nbg * bs), m1 = byte_mask(nbg * bs - 64);
         __mmask16 lm = (__mmask16)(nbg == gb ? 0xFFFF : (1u << (16 / gb * nbg)) - 1);
         const uint8_t *p[4];
+        #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
             p[t] = a->prep + (size_t)(t0 + t) * a->prep_stride + (size_t)g * gbytes;
         /* Rows are contiguous: fetch the tile PF_TILES ahead at the pace this one is read, as the
@@ -685,6 +701,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
         const uint8_t *pf = rows[0] + (PF_TILES * R + 0) * (int64_t)w->row_bytes + g * gb * bs * R;
         for (int l = 0; l < gb * bs * R; l += 64)
             _mm_prefetch((const char *)(pf + l), _MM_HINT_T0);
+        #pragma GCC unroll 8
         for (int i = 0; i < R; i++) {
             const uint8_t *base = rows[i] + g * gb * bs;
             __m512i z0 = _mm512_maskz_loadu_epi8(m0, base);
@@ -694,6 +711,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
             __m512 dw = _mm512_maskz_cvtph_ps(lm, _mm512_castsi512_si256(sc));
             if (q8) {
                 __m512i wq = _mm512_xor_si512(qs, x80);
+                #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
                     __m512i ai = _mm512_load_si512((const void *)(p[t] + 64));
                     ai = _mm512_dpbusd_epi32(ai, wq, _mm512_load_si512((const void *)p[t]));
@@ -707,6 +725,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
             __m512 mw = _mm512_setzero_ps();
             if (kt == KT_Q4_1)
                 mw = _mm512_maskz_cvtph_ps(lm, _mm512_extracti64x4_epi64(sc, 1));
+            #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 __m512i ai = kt == KT_Q4_0 ? _mm512_load_si512((const void *)(p[t] + 192))
                                            : _mm512_setzero_si512();
@@ -720,7 +739,9 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
             }
         }
     }
+    #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
+        #pragma GCC unroll 8
         for (int i = 0; i < R; i++)
             y[(int64_t)t * w->n_out + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
@@ -806,20 +827,24 @@ AI void
 float_tile(const float *row, const float *x, int64_t n, int nt, float *y, int64_t n_out)
 {
     __m512 acc[4];
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         acc[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
         __m512 wv = _mm512_loadu_ps(row + k);
+        #pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
             acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * n + k), acc[t]);
     }
     if (k < n) {
         __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
         __m512 wv = _mm512_maskz_loadu_ps(m, row + k);
+        #pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
             acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * n + k), acc[t]);
     }
+    #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         y[(int64_t)t * n_out] = _mm512_reduce_add_ps(acc[t]);
 }

@@ -7,7 +7,7 @@
  * are spread over copies totalling more than the last-level cache, and calls rotate through them,
  * so decode figures come from memory as in a real forward pass (--hot: one copy, cache-resident).
  *
- * usage: kbench [-t threads] [-T seconds] [--hot] [--types q4_1,q8_0] [--ntok 1,512]
+ * usage: kbench [-t threads] [-T seconds] [--hot] [--types q4_1,q8_0] [--ntok 1,512] [--isa avx512]
  */
 #include <errno.h>
 #include <stdio.h>
@@ -83,7 +83,7 @@ parse_list(const char *s, char out[][16], int max)
 int
 main(int argc, char **argv)
 {
-    int n_threads = 2, hot = 0;
+    int n_threads = 2, hot = 0, only_isa = -1;
     double seconds = 0.3;
     char types[8][16] = {"q4_1", "q8_0"};
     int n_types = 2;
@@ -93,6 +93,11 @@ main(int argc, char **argv)
             n_threads = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "-T") && i + 1 < argc) {
             seconds = atof(argv[++i]);
+        } else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
+            i++;
+            for (int k = KERN_ISA_SCALAR; k <= KERN_ISA_AVX512; k++)
+                if (!strcmp(argv[i], kern_isa_name((enum kern_isa)k)))
+                    only_isa = k;
         } else if (!strcmp(argv[i], "--hot")) {
             hot = 1;
         } else if (!strcmp(argv[i], "--types") && i + 1 < argc) {
@@ -104,7 +109,7 @@ main(int argc, char **argv)
                 ntoks[k] = atoi(l[k]);
         } else {
             fprintf(stderr, "usage: kbench [-t threads] [-T seconds] [--hot] [--types q4_1,q8_0] "
-                            "[--ntok 1,512]\n");
+                            "[--ntok 1,512] [--isa scalar|avx2|avx512]\n");
             return 2;
         }
     }
@@ -152,6 +157,8 @@ main(int argc, char **argv)
                 for (int64_t i = 0; i < sh.n_in * n_tok; i++)
                     x[i] = frand();
                 for (int isa = KERN_ISA_SCALAR; isa <= (int)kern_cpu_best_isa(); isa++) {
+                    if (only_isa >= 0 && isa != only_isa)
+                        continue;
                     kern_cpu_set_isa((enum kern_isa)isa);
                     /* the scalar kernels are slow: one short round for large batches */
                     double secs = isa == KERN_ISA_SCALAR && n_tok > 8 ? 0.0 : seconds;

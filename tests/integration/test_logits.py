@@ -23,7 +23,6 @@ NEAR_TIE_MARGIN (the margins move by 0.16 standard deviation, at most 0.63, betw
 reference variants).
 """
 
-import os
 
 import numpy as np
 import pytest

@@ -36,8 +36,7 @@ void kern_cpu_dequant_q5_k_ref(const void *src, float *dst, int64_t n);
 void kern_cpu_dequant_q6_k_ref(const void *src, float *dst, int64_t n);
 
 /* The 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block. */
-void kern_cpu_k_scale_min(const uint8_t scales[KERN_K_SCALE_SIZE], int j, uint8_t *sc,
-                          uint8_t *mn);
+void kern_cpu_k_scale_min(const uint8_t scales[KERN_K_SCALE_SIZE], int j, uint8_t *sc, uint8_t *mn);
 
 /* ---- Quantized activations ---- */
 
@@ -75,11 +74,12 @@ void kern_cpu_act_quant_ref(const float *x, struct kern_cpu_act *a, int blk, int
 struct kern_cpu_mm {
     const struct kern_matrix *w;
     const struct kern_cpu_act *act;
-    float *y;     /* (n_tok, n_out) */
+    float *y; /* (n_tok, n_out) */
     int n_tok;
 };
 
-/* Per-thread scratch handed to the kernels: at least kern_cpu_mm_scratch_bytes(). 64-byte aligned. */
+/* Per-thread scratch handed to the kernels: at least kern_cpu_mm_scratch_bytes(). 64-byte aligned.
+ */
 size_t kern_cpu_mm_scratch_bytes(int64_t n_in);
 
 /* Computes y for rows [r0, r1) and every token. */
@@ -98,9 +98,9 @@ struct kern_cpu_type_ops {
      * conversion of tokens [t0, t1) into act->prep. Set together with rows. */
     size_t (*prep_bytes)(int64_t n_in);
     void (*prep)(struct kern_cpu_act *a, int t0, int t1);
-    int unit;                    /* canonical scale unit (0: float type) */
-    int act_blk;                 /* activation quantization block: 32 or 256 (0: f32) */
-    int off;                     /* canonical offset */
+    int unit;    /* canonical scale unit (0: float type) */
+    int act_blk; /* activation quantization block: 32 or 256 (0: f32) */
+    int off;     /* canonical offset */
     bool has_min;
 };
 
@@ -145,7 +145,8 @@ void kern_cpu_canon_q4_k_ref(const void *row, int64_t n, uint8_t *qc, float *d, 
 void kern_cpu_canon_q5_k_ref(const void *row, int64_t n, uint8_t *qc, float *d, float *m);
 void kern_cpu_canon_q6_k_ref(const void *row, int64_t n, uint8_t *qc, float *d, float *m);
 
-/* Quantized weights: canonical form then the integer dot per unit (the definition of the result). */
+/* Quantized weights: canonical form then the integer dot per unit (the definition of the result).
+ */
 void kern_cpu_rows_quant_ref(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch);
 /* Float weights: dequantized row, f32 products summed in order. */
 void kern_cpu_rows_float_ref(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch);

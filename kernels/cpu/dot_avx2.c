@@ -229,7 +229,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
     const int64_t nu = a->n_units, n_in = a->n_in;
     __m256 acc[4];
     float accm[4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         acc[t] = _mm256_setzero_ps();
         accm[t] = 0.0f;
@@ -242,7 +242,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
         unit_scales(kt, row, u, &dw0, &mw0);
         if (unit == 16)
             unit_scales(kt, row, u + 1, &dw1, &mw1);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const int64_t tu = (int64_t)(t0 + t) * nu + u;
             __m256i av = _mm256_loadu_si256((const __m256i *)(a->q + (int64_t)(t0 + t) * n_in + e));
@@ -252,8 +252,10 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
             } else {
                 is = madd_u8s8(w, av);
                 if (has_off)
-                    is = _mm256_add_epi32(is, _mm256_loadu_si256((const __m256i *)(
-                                                  a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4)));
+                    is = _mm256_add_epi32(
+                        is,
+                        _mm256_loadu_si256(
+                            (const __m256i *)(a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4)));
             }
             __m256 sv;
             if (unit == 16)
@@ -268,7 +270,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
             }
         }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         y[(int64_t)t * n_out] = hsum8(acc[t]) + accm[t];
 }
@@ -331,17 +333,17 @@ AI void
 float_tile(const float *row, const float *x, int64_t n, int nt, float *y, int64_t n_out)
 {
     __m256 acc[4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         acc[t] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) {
         __m256 wv = _mm256_loadu_ps(row + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
             acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * n + k), acc[t]);
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         float s = hsum8(acc[t]);
         for (int64_t i = k; i < n; i++)

@@ -156,7 +156,8 @@ unpack64(int kt, const uint8_t *row, int64_t e0, int half)
     if (kt == KT_Q6_K) {
         int h = v / 2, odd = v & 1;
         __m512i ql = _mm512_loadu_si512((const void *)(sb + 64 * h));
-        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * h)));
+        __m512i qh =
+            _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * h)));
         __m512i lo = odd ? _mm512_srli_epi16(ql, 4) : ql;
         lo = _mm512_and_si512(lo, _mm512_set1_epi8(0x0F));
         __m512i cnt = odd ? _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4)
@@ -168,8 +169,8 @@ unpack64(int kt, const uint8_t *row, int64_t e0, int half)
     }
     const uint8_t *qs = sb + (kt == KT_Q4_K ? 16 : 48) + 32 * v;
     __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs));
-    const __m512i cnt = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
-                                         0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
+    const __m512i cnt = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
+                                         0x0004000400040004, 0, 0, 0, 0);
     z = _mm512_and_si512(_mm512_srlv_epi16(z, cnt), _mm512_set1_epi8(0x0F));
     if (kt == KT_Q5_K) {
         __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
@@ -313,7 +314,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
     const int unit = kt_unit(kt), has_min = kt_has_min(kt), has_off = kt_off(kt) != 0;
     const int64_t nu = a->n_units, n_in = a->n_in;
     __m512 accf[4], accm[4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         accf[t] = _mm512_setzero_ps();
         accm[t] = _mm512_setzero_ps();
@@ -323,7 +324,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
         __mmask16 um = (__mmask16)((1u << nu_c) - 1);
         __m512 dw, mw, sv[4];
         scales16(kt, row, c, nu_c, &dw, &mw);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
             sv[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(um, a->d + ut));
@@ -336,7 +337,7 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
             int64_t e = ec + 64 * v;
             __m512i w = unpack64(kt, row, e, half);
             __m512i iu = lane_units(unit, v);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const int8_t *q = a->q + (int64_t)(t0 + t) * n_in + e;
                 const int32_t *dc = a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4;
@@ -347,12 +348,12 @@ dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int n
                     acc = half ? _mm512_maskz_loadu_epi32(0xFF, dc)
                                : _mm512_loadu_si512((const void *)dc);
                 acc = _mm512_dpbusd_epi32(acc, w, av);
-                accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
-                                          _mm512_permutexvar_ps(iu, sv[t]), accf[t]);
+                accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(iu, sv[t]),
+                                          accf[t]);
             }
         }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         y[(int64_t)t * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(accf[t], accm[t]));
 }
@@ -411,18 +412,18 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
     const int64_t nu = a->n_units, n_in = a->n_in;
     const int steps = unit / 4;
     __m512 accf[2][BT_TOK];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         accf[0][t] = _mm512_setzero_ps();
         accf[1][t] = _mm512_setzero_ps();
     }
     const int8_t *q[BT_TOK];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         q[t] = a->q + (int64_t)(t0 + t) * n_in;
     for (int64_t u = 0; u < nu; u++) {
         __m512i acc[2][BT_TOK];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             __m512i c0 = has_off ? _mm512_set1_epi32(a->corr[(int64_t)(t0 + t) * nu + u])
                                  : _mm512_setzero_si512();
@@ -430,11 +431,11 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
             acc[1][t] = c0;
         }
         const uint8_t *w0 = it->q[0] + u * steps * 64, *w1 = it->q[1] + u * steps * 64;
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int k = 0; k < steps; k++) {
             __m512i wv0 = _mm512_load_si512((const void *)(w0 + 64 * k));
             __m512i wv1 = _mm512_load_si512((const void *)(w1 + 64 * k));
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 __m512i av = bcast4(q[t], u * steps + k);
                 acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], wv0, av);
@@ -442,17 +443,17 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
             }
         }
         __m512 dw0 = _mm512_load_ps(it->d[0] + u * 16), dw1 = _mm512_load_ps(it->d[1] + u * 16);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             __m512 da = _mm512_set1_ps(a->d[(int64_t)(t0 + t) * nu + u]);
-            accf[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[0][t]), _mm512_mul_ps(dw0, da),
-                                         accf[0][t]);
-            accf[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1][t]), _mm512_mul_ps(dw1, da),
-                                         accf[1][t]);
+            accf[0][t] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[0][t]), _mm512_mul_ps(dw0, da), accf[0][t]);
+            accf[1][t] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1][t]), _mm512_mul_ps(dw1, da), accf[1][t]);
         }
         if (has_min) {
             __m512 mw0 = _mm512_load_ps(it->m[0] + u * 16), mw1 = _mm512_load_ps(it->m[1] + u * 16);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 __m512 sa = _mm512_set1_ps(a->s[(int64_t)(t0 + t) * nu + u]);
                 accf[0][t] = _mm512_fmadd_ps(mw0, sa, accf[0][t]);
@@ -460,7 +461,7 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
             }
         }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         _mm512_mask_storeu_ps(y + (int64_t)t * n_out, rm0, accf[0][t]);
         _mm512_mask_storeu_ps(y + (int64_t)t * n_out + 16, rm1, accf[1][t]);
@@ -468,8 +469,8 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
 }
 
 AI void
-batch_tiles(int unit, int has_min, int has_off, const struct itile *it, const struct kern_cpu_mm *mm,
-            int64_t r, int nr)
+batch_tiles(int unit, int has_min, int has_off, const struct itile *it,
+            const struct kern_cpu_mm *mm, int64_t r, int nr)
 {
     int64_t n_out = mm->w->n_out;
     __mmask16 rm0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
@@ -546,7 +547,7 @@ rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,
     size_t qb = (size_t)n_in * 16, sb = sizeof(float) * 16 * (size_t)nu;
     uint8_t *p = scratch;
     struct itile it;
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int g = 0; g < 2; g++) {
         it.q[g] = p;
         p += qb;
@@ -581,7 +582,9 @@ rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,
  * Blocks past the end of the row are zero in the layout and masked off on the weight side.
  */
 #define G4_BYTES 256
-#define PF_TILES 4 /* prefetch distance, in row tiles */
+#ifndef PF_BYTES
+#define PF_BYTES 4096 /* prefetch distance (rounded to whole row tiles) */
+#endif
 #define G8_BYTES 192
 
 static size_t
@@ -660,7 +663,7 @@ idx_words(int kt, int which)
     for (int i = 0; i < 32; i++) {
         if (which == 0) /* quant bytes */
             idx[i] = (uint16_t)(kt == KT_Q8_0 ? (i / 16) * (bs / 2) + 1 + i % 16
-                                               : (i / 8) * (bs / 2) + qoff / 2 + i % 8);
+                                              : (i / 8) * (bs / 2) + qoff / 2 + i % 8);
         else if (kt == KT_Q8_0)
             idx[i] = (uint16_t)((i % 16) / 8 * (bs / 2));
         else
@@ -680,11 +683,12 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
     const __m512i iq = idx_words(kt, 0), is = idx_words(kt, 1);
     const __m512i m0f = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char)0x80);
     const uint8_t *rows[4];
+    const int64_t pf_rows = (PF_BYTES / (R * (int64_t)w->row_bytes) + 1) * R;
     __m512 acc[4][4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < R; i++) {
         rows[i] = (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes;
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++)
             acc[i][t] = _mm512_setzero_ps();
     }
@@ -693,15 +697,15 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
         __mmask64 m0 = byte_mask(nbg * bs), m1 = byte_mask(nbg * bs - 64);
         __mmask16 lm = (__mmask16)(nbg == gb ? 0xFFFF : (1u << (16 / gb * nbg)) - 1);
         const uint8_t *p[4];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++)
             p[t] = a->prep + (size_t)(t0 + t) * a->prep_stride + (size_t)g * gbytes;
-        /* Rows are contiguous: fetch the tile PF_TILES ahead at the pace this one is read, as the
-         * hardware prefetchers stop at page boundaries. */
-        const uint8_t *pf = rows[0] + (PF_TILES * R + 0) * (int64_t)w->row_bytes + g * gb * bs * R;
+        /* Rows are contiguous: fetch the tile about PF_BYTES ahead at the pace this one is read,
+         * as the hardware prefetchers stop at page boundaries. */
+        const uint8_t *pf = rows[0] + pf_rows * (int64_t)w->row_bytes + g * gb * bs * R;
         for (int l = 0; l < gb * bs * R; l += 64)
             _mm_prefetch((const char *)(pf + l), _MM_HINT_T0);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int i = 0; i < R; i++) {
             const uint8_t *base = rows[i] + g * gb * bs;
             __m512i z0 = _mm512_maskz_loadu_epi8(m0, base);
@@ -711,7 +715,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
             __m512 dw = _mm512_maskz_cvtph_ps(lm, _mm512_castsi512_si256(sc));
             if (q8) {
                 __m512i wq = _mm512_xor_si512(qs, x80);
-                #pragma GCC unroll 8
+#pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
                     __m512i ai = _mm512_load_si512((const void *)(p[t] + 64));
                     ai = _mm512_dpbusd_epi32(ai, wq, _mm512_load_si512((const void *)p[t]));
@@ -725,7 +729,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
             __m512 mw = _mm512_setzero_ps();
             if (kt == KT_Q4_1)
                 mw = _mm512_maskz_cvtph_ps(lm, _mm512_extracti64x4_epi64(sc, 1));
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 __m512i ai = kt == KT_Q4_0 ? _mm512_load_si512((const void *)(p[t] + 192))
                                            : _mm512_setzero_si512();
@@ -739,9 +743,9 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
             }
         }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < T; t++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int i = 0; i < R; i++)
             y[(int64_t)t * w->n_out + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
@@ -827,24 +831,24 @@ AI void
 float_tile(const float *row, const float *x, int64_t n, int nt, float *y, int64_t n_out)
 {
     __m512 acc[4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         acc[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
         __m512 wv = _mm512_loadu_ps(row + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
             acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * n + k), acc[t]);
     }
     if (k < n) {
         __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
         __m512 wv = _mm512_maskz_loadu_ps(m, row + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
             acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * n + k), acc[t]);
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         y[(int64_t)t * n_out] = _mm512_reduce_add_ps(acc[t]);
 }
@@ -943,7 +947,7 @@ act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
     {                                                                                              \
         canon_generic(kt, src, n, qc, d, m);                                                       \
     }                                                                                              \
-    __attribute__((unused)) static void rows_##name(const struct kern_cpu_mm *mm, int64_t r0,    \
+    __attribute__((unused)) static void rows_##name(const struct kern_cpu_mm *mm, int64_t r0,      \
                                                     int64_t r1, void *scratch)                     \
     {                                                                                              \
         (void)scratch;                                                                             \

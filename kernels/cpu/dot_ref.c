@@ -42,8 +42,8 @@ kern_cpu_canon_q4_1_ref(const void *row, int64_t n, uint8_t *qc, float *d, float
 static void
 canon_q5(const uint8_t qs[16], const uint8_t qh4[4], uint8_t *qc)
 {
-    uint32_t qh = (uint32_t)qh4[0] | (uint32_t)qh4[1] << 8 | (uint32_t)qh4[2] << 16 |
-                  (uint32_t)qh4[3] << 24;
+    uint32_t qh =
+        (uint32_t)qh4[0] | (uint32_t)qh4[1] << 8 | (uint32_t)qh4[2] << 16 | (uint32_t)qh4[3] << 24;
     for (int j = 0; j < 16; j++) {
         qc[j] = (uint8_t)((qs[j] & 0xF) | ((qh >> j) & 1) << 4);
         qc[j + 16] = (uint8_t)((qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
@@ -277,22 +277,22 @@ static const struct kern_cpu_type_ops ref_types[KERN_DTYPE_COUNT] = {
     [KERN_DTYPE_F32] = FLOAT_OPS(kern_cpu_dequant_f32_ref),
     [KERN_DTYPE_F16] = FLOAT_OPS(kern_cpu_dequant_f16_ref),
     [KERN_DTYPE_BF16] = FLOAT_OPS(kern_cpu_dequant_bf16_ref),
-    [KERN_DTYPE_Q4_0] = QUANT_OPS(kern_cpu_dequant_q4_0_ref, kern_cpu_canon_q4_0_ref, 32, 32, 8,
-                                  false),
-    [KERN_DTYPE_Q4_1] = QUANT_OPS(kern_cpu_dequant_q4_1_ref, kern_cpu_canon_q4_1_ref, 32, 32, 0,
-                                  true),
-    [KERN_DTYPE_Q5_0] = QUANT_OPS(kern_cpu_dequant_q5_0_ref, kern_cpu_canon_q5_0_ref, 32, 32, 16,
-                                  false),
-    [KERN_DTYPE_Q5_1] = QUANT_OPS(kern_cpu_dequant_q5_1_ref, kern_cpu_canon_q5_1_ref, 32, 32, 0,
-                                  true),
-    [KERN_DTYPE_Q8_0] = QUANT_OPS(kern_cpu_dequant_q8_0_ref, kern_cpu_canon_q8_0_ref, 32, 32,
-                                  128, false),
-    [KERN_DTYPE_Q4_K] = QUANT_OPS(kern_cpu_dequant_q4_k_ref, kern_cpu_canon_q4_k_ref, 32, 256, 0,
-                                  true),
-    [KERN_DTYPE_Q5_K] = QUANT_OPS(kern_cpu_dequant_q5_k_ref, kern_cpu_canon_q5_k_ref, 32, 256, 0,
-                                  true),
-    [KERN_DTYPE_Q6_K] = QUANT_OPS(kern_cpu_dequant_q6_k_ref, kern_cpu_canon_q6_k_ref, 16, 256, 32,
-                                  false),
+    [KERN_DTYPE_Q4_0] =
+        QUANT_OPS(kern_cpu_dequant_q4_0_ref, kern_cpu_canon_q4_0_ref, 32, 32, 8, false),
+    [KERN_DTYPE_Q4_1] =
+        QUANT_OPS(kern_cpu_dequant_q4_1_ref, kern_cpu_canon_q4_1_ref, 32, 32, 0, true),
+    [KERN_DTYPE_Q5_0] =
+        QUANT_OPS(kern_cpu_dequant_q5_0_ref, kern_cpu_canon_q5_0_ref, 32, 32, 16, false),
+    [KERN_DTYPE_Q5_1] =
+        QUANT_OPS(kern_cpu_dequant_q5_1_ref, kern_cpu_canon_q5_1_ref, 32, 32, 0, true),
+    [KERN_DTYPE_Q8_0] =
+        QUANT_OPS(kern_cpu_dequant_q8_0_ref, kern_cpu_canon_q8_0_ref, 32, 32, 128, false),
+    [KERN_DTYPE_Q4_K] =
+        QUANT_OPS(kern_cpu_dequant_q4_k_ref, kern_cpu_canon_q4_k_ref, 32, 256, 0, true),
+    [KERN_DTYPE_Q5_K] =
+        QUANT_OPS(kern_cpu_dequant_q5_k_ref, kern_cpu_canon_q5_k_ref, 32, 256, 0, true),
+    [KERN_DTYPE_Q6_K] =
+        QUANT_OPS(kern_cpu_dequant_q6_k_ref, kern_cpu_canon_q6_k_ref, 16, 256, 32, false),
 };
 
 const struct kern_cpu_isa_ops kern_cpu_isa_ref = {

@@ -14,13 +14,12 @@
  *     q    = clamp(rint(x * id), -127, 127) with x * id rounded to f32 first and rint rounding
  *            half to even (what _mm*_cvtps_epi32 does under the default MXCSR)
  * The weights are seen per scale unit of 32 elements (16 for Q6_K) as x_w = dw * (qc - off) + mw
- * with integer qc (cpu_int.h: canonical form; for the K-quants dw = d * sc_j and mw = -dmin * mn_j).
- * Per unit u the activation side keeps d (the d of the block holding u), s = d * sum(q over u)
- * (f32) and the integer sum of q over u. The output is
- *     y = sum over units u, in order, of (dw_u * d_u) * isum_u + mw_u * s_u      (f32)
- *     isum_u = sum over the unit of (qc - off) * q                               (exact integer)
- * which is the usual ggml scheme: integer accumulation inside a unit, f32 across units. SIMD kernels
- * compute the same isum_u exactly and differ only in the order of the f32 sums.
+ * with integer qc (cpu_int.h: canonical form; for the K-quants dw = d * sc_j and mw = -dmin *
+ * mn_j). Per unit u the activation side keeps d (the d of the block holding u), s = d * sum(q over
+ * u) (f32) and the integer sum of q over u. The output is y = sum over units u, in order, of (dw_u
+ * * d_u) * isum_u + mw_u * s_u      (f32) isum_u = sum over the unit of (qc - off) * q (exact
+ * integer) which is the usual ggml scheme: integer accumulation inside a unit, f32 across units.
+ * SIMD kernels compute the same isum_u exactly and differ only in the order of the f32 sums.
  *
  * ---- Work split ----
  *
@@ -208,8 +207,8 @@ kern_matmul_ref(const struct kern_matrix *w, const float *x, int n_tok, float *y
     if (!row)
         return -ENOMEM;
     for (int64_t o = 0; o < w->n_out; o++) {
-        kern_cpu_isa_ref.types[w->type].dequant((const uint8_t *)w->data + o * (int64_t)w->row_bytes,
-                                                 row, w->n_in);
+        kern_cpu_isa_ref.types[w->type].dequant(
+            (const uint8_t *)w->data + o * (int64_t)w->row_bytes, row, w->n_in);
         for (int t = 0; t < n_tok; t++) {
             const float *xt = x + (int64_t)t * w->n_in;
             double acc = 0.0;

@@ -49,14 +49,14 @@ struct pool_worker {
 
 struct kern_pool {
     int n_threads;
-    pthread_t *threads;         /* (n_threads - 1) */
+    pthread_t *threads;          /* (n_threads - 1) */
     struct pool_worker *workers; /* (n_threads - 1) */
     int n_started;
 
-    _Atomic uint64_t work;   /* run generation << 32 | next ith to claim */
-    _Atomic uint32_t gen;    /* futex word: bumped once per published task and at shutdown */
-    _Atomic int n_sleeping;  /* workers in (or about to enter) futex_wait */
-    _Atomic int done;        /* iths finished in the current run */
+    _Atomic uint64_t work;  /* run generation << 32 | next ith to claim */
+    _Atomic uint32_t gen;   /* futex word: bumped once per published task and at shutdown */
+    _Atomic int n_sleeping; /* workers in (or about to enter) futex_wait */
+    _Atomic int done;       /* iths finished in the current run */
     _Atomic bool stop;
 
     kern_task_fn fn; /* the current task, stable while a generation runs */

@@ -120,8 +120,8 @@ main(int argc, char **argv)
     }
     printf("kbench: threads=%d best_isa=%s %s\n", n_threads, kern_isa_name(kern_cpu_best_isa()),
            hot ? "hot (cache-resident weights)" : "cold (weights rotate through > 128 MiB)");
-    printf("%-5s %-11s %5s %-7s %10s %9s %9s\n", "type", "shape", "n_tok", "isa", "us/call",
-           "GB/s", "GOP/s");
+    printf("%-5s %-11s %5s %-7s %10s %9s %9s\n", "type", "shape", "n_tok", "isa", "us/call", "GB/s",
+           "GOP/s");
     for (int ti = 0; ti < n_types; ti++) {
         enum kern_dtype t = type_by_name(types[ti]);
         if (t == KERN_DTYPE_COUNT) {
@@ -145,8 +145,11 @@ main(int argc, char **argv)
             for (int c = 0; c < n_copies; c++) {
                 if (c)
                     memcpy(data + bytes * (size_t)c, data, bytes);
-                m[c] = (struct kern_matrix){.type = t, .n_in = sh.n_in, .n_out = sh.n_out,
-                                            .row_bytes = rb, .data = data + bytes * (size_t)c};
+                m[c] = (struct kern_matrix){.type = t,
+                                            .n_in = sh.n_in,
+                                            .n_out = sh.n_out,
+                                            .row_bytes = rb,
+                                            .data = data + bytes * (size_t)c};
             }
             for (int k = 0; k < n_ntok; k++) {
                 int n_tok = ntoks[k];

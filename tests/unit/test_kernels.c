@@ -181,8 +181,8 @@ test_kernels_traits_and_row_bytes(void **state)
     assert_int_equal(kern_row_bytes(KERN_DTYPE_Q6_K, 256), 210);
     assert_int_equal(kern_row_bytes(KERN_DTYPE_F16, 3), 6);
     assert_int_equal(kern_row_bytes(KERN_DTYPE_Q8_0, 33), 0);
-    assert_int_equal(kern_row_bytes(4, 32), 0);     /* removed Q4_2 */
-    assert_int_equal(kern_row_bytes(1000, 32), 0);  /* unknown */
+    assert_int_equal(kern_row_bytes(4, 32), 0);    /* removed Q4_2 */
+    assert_int_equal(kern_row_bytes(1000, 32), 0); /* unknown */
     assert_int_equal(kern_row_bytes(KERN_DTYPE_COUNT, 32), 0);
     assert_null(kern_dtype_traits(5));
     assert_null(kern_dtype_traits(UINT32_MAX));
@@ -203,7 +203,8 @@ test_kernels_quantize_roundtrip(void **state)
             for (size_t si = 0; si < 3; si++) {
                 int64_t n = sizes[si];
                 struct rng r = {seed * 7919};
-                float *x = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)n);
+                float *x = malloc(sizeof(float) * (size_t)n),
+                      *y = malloc(sizeof(float) * (size_t)n);
                 uint8_t *q = malloc(kern_row_bytes((uint32_t)t, n));
                 fill_normal(&r, x, n, 1.0f);
                 assert_int_equal(kern_quantize_row(t, x, q, n), 0);
@@ -281,8 +282,15 @@ static void
 act_buf_init(struct act_buf *b, int64_t n_in, int unit, int off)
 {
     memset(b, 0, sizeof(*b));
-    b->a = (struct kern_cpu_act){.n_tok = 1, .n_in = n_in, .unit = unit, .n_units = n_in / unit,
-                                 .off = off, .q = b->q, .d = b->d, .s = b->s, .corr = b->corr,
+    b->a = (struct kern_cpu_act){.n_tok = 1,
+                                 .n_in = n_in,
+                                 .unit = unit,
+                                 .n_units = n_in / unit,
+                                 .off = off,
+                                 .q = b->q,
+                                 .d = b->d,
+                                 .s = b->s,
+                                 .corr = b->corr,
                                  .dcorr = b->dcorr};
 }
 
@@ -389,9 +397,9 @@ check_matmul_isa(enum kern_isa isa, struct kern_pool *pool, enum kern_dtype t, i
     assert_int_equal(kern_matmul(pool, &w.m, x, n_tok, y), 0);
     double e = nmse(y, yr, n_out * n_tok);
     if (!(e <= matmul_tol(t)))
-        fail_msg("%s %s n_in=%lld n_out=%lld n_tok=%d threads=%d: nmse %g > %g",
-                 kern_isa_name(isa), kern_dtype_traits(t)->name, (long long)n_in,
-                 (long long)n_out, n_tok, kern_pool_n_threads(pool), e, matmul_tol(t));
+        fail_msg("%s %s n_in=%lld n_out=%lld n_tok=%d threads=%d: nmse %g > %g", kern_isa_name(isa),
+                 kern_dtype_traits(t)->name, (long long)n_in, (long long)n_out, n_tok,
+                 kern_pool_n_threads(pool), e, matmul_tol(t));
     restore_isa();
     free(x);
     free(y);
@@ -412,8 +420,8 @@ test_kernels_matmul_vs_ref(void **state)
             enum kern_dtype t = all_types[ti];
             int64_t n_in = block_of(t) == 256 ? 768 : 608; /* not a multiple of 16 blocks */
             for (size_t k = 0; k < 6; k++)
-                check_matmul_isa(isa, pools[k & 1], t, n_in, 37, n_toks[k],
-                                 1000 + ti * 10 + k);
+                for (int p = 0; p < 2; p++)
+                    check_matmul_isa(isa, pools[p], t, n_in, 37, n_toks[k], 1000 + ti * 10 + k);
         }
     }
     kern_pool_free(pools[0]);
@@ -484,8 +492,8 @@ test_kernels_matrix_check(void **state)
 {
     (void)state;
     uint8_t data[64] = {0};
-    struct kern_matrix m = {.type = KERN_DTYPE_Q8_0, .n_in = 32, .n_out = 1, .row_bytes = 34,
-                            .data = data};
+    struct kern_matrix m = {
+        .type = KERN_DTYPE_Q8_0, .n_in = 32, .n_out = 1, .row_bytes = 34, .data = data};
     assert_int_equal(kern_matrix_check(&m), 0);
     m.n_in = 48;
     m.row_bytes = kern_row_bytes(KERN_DTYPE_Q8_0, 48);
@@ -646,18 +654,29 @@ main(void)
         cmocka_unit_test(test_kernels_traits_and_row_bytes),
         cmocka_unit_test(test_kernels_quantize_roundtrip),
         cmocka_unit_test(test_kernels_quantize_rejects_bad_input),
-        cmocka_unit_test_prestate(test_kernels_dequant_isa_matches_ref, (void *)&isa_avx2),
-        cmocka_unit_test_prestate(test_kernels_dequant_isa_matches_ref, (void *)&isa_avx512),
+        {"test_kernels_dequant_isa_matches_ref/avx2", test_kernels_dequant_isa_matches_ref, NULL,
+         NULL, (void *)&isa_avx2},
+        {"test_kernels_dequant_isa_matches_ref/avx512", test_kernels_dequant_isa_matches_ref, NULL,
+         NULL, (void *)&isa_avx512},
         cmocka_unit_test(test_kernels_act_quant_spec),
-        cmocka_unit_test_prestate(test_kernels_act_quant_isa_identical, (void *)&isa_avx2),
-        cmocka_unit_test_prestate(test_kernels_act_quant_isa_identical, (void *)&isa_avx512),
-        cmocka_unit_test_prestate(test_kernels_matmul_vs_ref, (void *)&isa_scalar),
-        cmocka_unit_test_prestate(test_kernels_matmul_vs_ref, (void *)&isa_avx2),
-        cmocka_unit_test_prestate(test_kernels_matmul_vs_ref, (void *)&isa_avx512),
-        cmocka_unit_test_prestate(test_kernels_matmul_batched_vs_ref, (void *)&isa_avx2),
-        cmocka_unit_test_prestate(test_kernels_matmul_batched_vs_ref, (void *)&isa_avx512),
-        cmocka_unit_test_prestate(test_kernels_matmul_simd_vs_scalar, (void *)&isa_avx2),
-        cmocka_unit_test_prestate(test_kernels_matmul_simd_vs_scalar, (void *)&isa_avx512),
+        {"test_kernels_act_quant_isa_identical/avx2", test_kernels_act_quant_isa_identical, NULL,
+         NULL, (void *)&isa_avx2},
+        {"test_kernels_act_quant_isa_identical/avx512", test_kernels_act_quant_isa_identical, NULL,
+         NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_vs_ref/scalar", test_kernels_matmul_vs_ref, NULL, NULL,
+         (void *)&isa_scalar},
+        {"test_kernels_matmul_vs_ref/avx2", test_kernels_matmul_vs_ref, NULL, NULL,
+         (void *)&isa_avx2},
+        {"test_kernels_matmul_vs_ref/avx512", test_kernels_matmul_vs_ref, NULL, NULL,
+         (void *)&isa_avx512},
+        {"test_kernels_matmul_batched_vs_ref/avx2", test_kernels_matmul_batched_vs_ref, NULL, NULL,
+         (void *)&isa_avx2},
+        {"test_kernels_matmul_batched_vs_ref/avx512", test_kernels_matmul_batched_vs_ref, NULL,
+         NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_simd_vs_scalar/avx2", test_kernels_matmul_simd_vs_scalar, NULL, NULL,
+         (void *)&isa_avx2},
+        {"test_kernels_matmul_simd_vs_scalar/avx512", test_kernels_matmul_simd_vs_scalar, NULL,
+         NULL, (void *)&isa_avx512},
         cmocka_unit_test(test_kernels_matrix_check),
         cmocka_unit_test(test_kernels_isa_selection),
         cmocka_unit_test(test_kernels_elementwise),

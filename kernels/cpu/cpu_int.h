@@ -55,7 +55,8 @@ struct kern_cpu_act {
     float *d;        /* (n_tok, n_units) activation scale of each unit's block */
     float *s;        /* (n_tok, n_units) d * sum of q over the unit */
     int32_t *corr;   /* (n_tok, n_units) -off * sum of q over the unit */
-    int32_t *dcorr;  /* (n_tok, n_in / 4) -off * sum of q over each group of 4 (SIMD kernels) */
+    int32_t *dcorr;  /* (n_tok, n_in / 4) -off * sum of q over each group of 4, or NULL when the
+                        kernel does not use it (kern_cpu_type_ops.dcorr) */
     uint8_t *prep;   /* (n_tok, prep_stride) a small-batch kernel's own layout, or NULL */
     size_t prep_stride;
 };
@@ -98,6 +99,7 @@ struct kern_cpu_type_ops {
      * conversion of tokens [t0, t1) into act->prep. Set together with rows. */
     size_t (*prep_bytes)(int64_t n_in);
     void (*prep)(struct kern_cpu_act *a, int t0, int t1);
+    bool dcorr;  /* rows reads act->dcorr (offset types) */
     int unit;    /* canonical scale unit (0: float type) */
     int act_blk; /* activation quantization block: 32 or 256 (0: f32) */
     int off;     /* canonical offset */

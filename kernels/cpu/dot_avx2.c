@@ -402,7 +402,7 @@ act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
         int8_t *q = a->q + (int64_t)t * a->n_in;
         float *d = a->d + (int64_t)t * a->n_units, *s = a->s + (int64_t)t * a->n_units;
         int32_t *corr = a->corr + (int64_t)t * a->n_units;
-        int32_t *dcorr = a->dcorr + (int64_t)t * (a->n_in / 4);
+        int32_t *dcorr = a->dcorr ? a->dcorr + (int64_t)t * (a->n_in / 4) : NULL;
         for (int64_t b = 0; b < a->n_in / blk; b++) {
             const float *xb = xt + b * blk;
             __m256 mx = _mm256_setzero_ps();
@@ -431,7 +431,8 @@ act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
                 for (int g = 0; g < unit; g += 4) {
                     const int8_t *qq = q + e + g;
                     int32_t s4 = qq[0] + qq[1] + qq[2] + qq[3];
-                    dcorr[(e + g) / 4] = -off * s4;
+                    if (dcorr)
+                        dcorr[(e + g) / 4] = -off * s4;
                     usum += s4;
                 }
                 int64_t iu = e / unit;
@@ -467,7 +468,7 @@ DEFINE_TYPE(q6_k, KT_Q6_K)
 
 #define QUANT_ENTRY(name)                                                                          \
     {                                                                                              \
-        .dequant = dequant_##name, .rows = rows_##name                                             \
+        .dequant = dequant_##name, .rows = rows_##name, .dcorr = true                              \
     }
 
 static const struct kern_cpu_type_ops avx2_types[KERN_DTYPE_COUNT] = {

@@ -891,45 +891,84 @@ rows_float(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)
 
 /* ---- Activation quantizer (bit-identical to kern_cpu_act_quant_ref) ---- */
 
+/* Quantizes 16 values: rint(x * id) (|x * id| <= 127 up to rounding, so saturation is the clamp).
+ */
+AI __m128i
+quant16(const float *x, __m512 vid)
+{
+    return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), vid)));
+}
+
+/* Sums of the signed bytes of 32-byte halves (unit 32) or 16-byte quarters (unit 16) of z. */
+AI void
+unit_sums64(__m512i z, int unit, int32_t *sums)
+{
+    /* vpsadbw sums 8 bytes at a time; the bias of 128 per byte comes off afterwards */
+    __m512i sad =
+        _mm512_sad_epu8(_mm512_xor_si512(z, _mm512_set1_epi8((char)0x80)), _mm512_setzero_si512());
+    int64_t q[8];
+    _mm512_storeu_si512((void *)q, sad);
+    if (unit == 32) {
+        sums[0] = (int32_t)(q[0] + q[1] + q[2] + q[3]) - 32 * 128;
+        sums[1] = (int32_t)(q[4] + q[5] + q[6] + q[7]) - 32 * 128;
+    } else {
+        for (int i = 0; i < 4; i++)
+            sums[i] = (int32_t)(q[2 * i] + q[2 * i + 1]) - 16 * 128;
+    }
+}
+
 static void
 act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
 {
     const int unit = a->unit, off = a->off;
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    const __m128i ones = _mm_set1_epi8(1);
+    const __m512i ones = _mm512_set1_epi8(1);
     for (int t = t0; t < t1; t++) {
         const float *xt = x + (int64_t)t * a->n_in;
         int8_t *q = a->q + (int64_t)t * a->n_in;
         float *d = a->d + (int64_t)t * a->n_units, *s = a->s + (int64_t)t * a->n_units;
         int32_t *corr = a->corr + (int64_t)t * a->n_units;
-        int32_t *dcorr = a->dcorr + (int64_t)t * (a->n_in / 4);
+        int32_t *dcorr = a->dcorr ? a->dcorr + (int64_t)t * (a->n_in / 4) : NULL;
         for (int64_t b = 0; b < a->n_in / blk; b++) {
             const float *xb = xt + b * blk;
-            __m512 mx = _mm512_setzero_ps();
-            for (int i = 0; i < blk; i += 16)
+            __m512 mx = _mm512_and_ps(_mm512_loadu_ps(xb), absmask);
+            for (int i = 16; i < blk; i += 16)
                 mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xb + i), absmask));
             float amax = _mm512_reduce_max_ps(mx);
             float db = amax / 127.0f;
             float id = db != 0.0f ? 127.0f / amax : 0.0f;
             __m512 vid = _mm512_set1_ps(id);
-            int32_t usum = 0;
-            for (int i = 0; i < blk; i += 16) {
-                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), vid));
-                qi = _mm512_min_epi32(_mm512_max_epi32(qi, lo), hi);
-                __m128i qb = _mm512_cvtepi32_epi8(qi);
+            for (int i = 0; i < blk; i += 64) {
                 int64_t e = b * blk + i;
-                _mm_storeu_si128((__m128i *)(q + e), qb);
-                __m128i ds = _mm_dpbusd_epi32(_mm_setzero_si128(), ones, qb);
-                _mm_storeu_si128((__m128i *)(dcorr + e / 4),
-                                 _mm_mullo_epi32(ds, _mm_set1_epi32(-off)));
-                usum += _mm512_reduce_add_epi32(qi);
-                if ((i + 16) % unit == 0) {
-                    int64_t iu = (e + 16) / unit - 1;
+                __m512i z;
+                if (blk - i >= 64) {
+                    z = _mm512_castsi128_si512(quant16(xb + i, vid));
+                    z = _mm512_inserti32x4(z, quant16(xb + i + 16, vid), 1);
+                    z = _mm512_inserti32x4(z, quant16(xb + i + 32, vid), 2);
+                    z = _mm512_inserti32x4(z, quant16(xb + i + 48, vid), 3);
+                    _mm512_storeu_si512((void *)(q + e), z);
+                } else { /* a block of 32 */
+                    z = _mm512_castsi128_si512(quant16(xb + i, vid));
+                    z = _mm512_inserti32x4(z, quant16(xb + i + 16, vid), 1);
+                    z = _mm512_maskz_mov_epi64(0x0F, z);
+                    _mm256_storeu_si256((__m256i *)(q + e), _mm512_castsi512_si256(z));
+                }
+                int32_t sums[4];
+                int n_units = (blk - i >= 64 ? 64 : 32) / unit;
+                unit_sums64(z, unit, sums);
+                for (int k = 0; k < n_units; k++) {
+                    int64_t iu = e / unit + k;
                     d[iu] = db;
-                    s[iu] = db * (float)usum;
-                    corr[iu] = -off * usum;
-                    usum = 0;
+                    s[iu] = db * (float)sums[k];
+                    corr[iu] = -off * sums[k];
+                }
+                if (dcorr) {
+                    __m512i ds = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, z);
+                    ds = _mm512_mullo_epi32(ds, _mm512_set1_epi32(-off));
+                    if (blk - i >= 64)
+                        _mm512_storeu_si512((void *)(dcorr + e / 4), ds);
+                    else
+                        _mm256_storeu_si256((__m256i *)(dcorr + e / 4), _mm512_castsi512_si256(ds));
                 }
             }
         }
@@ -971,7 +1010,7 @@ DEFINE_TYPE(q6_k, KT_Q6_K)
 #define QUANT_ENTRY(name)                                                                          \
     {                                                                                              \
         .dequant = dequant_##name, .canon = canon_##name, .rows = rows_##name,                     \
-        .rows_batch = rows_batch_##name                                                            \
+        .rows_batch = rows_batch_##name, .dcorr = true                                             \
     }
 
 #define FAST_ENTRY(name, grp)                                                                      \

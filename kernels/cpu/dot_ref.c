@@ -182,7 +182,7 @@ kern_cpu_act_quant_ref(const float *x, struct kern_cpu_act *a, int blk, int t0, 
         int8_t *q = a->q + (int64_t)t * a->n_in;
         float *d = a->d + (int64_t)t * a->n_units, *s = a->s + (int64_t)t * a->n_units;
         int32_t *corr = a->corr + (int64_t)t * a->n_units;
-        int32_t *dcorr = a->dcorr + (int64_t)t * (a->n_in / 4);
+        int32_t *dcorr = a->dcorr ? a->dcorr + (int64_t)t * (a->n_in / 4) : NULL;
         for (int64_t b = 0; b < a->n_in / blk; b++) {
             float db = act_block_ref(xt + b * blk, blk, q + b * blk);
             for (int u = 0; u < upb; u++) {
@@ -196,7 +196,7 @@ kern_cpu_act_quant_ref(const float *x, struct kern_cpu_act *a, int blk, int t0, 
                 corr[iu] = -a->off * sum;
             }
         }
-        for (int64_t g = 0; g < a->n_in / 4; g++)
+        for (int64_t g = 0; dcorr && g < a->n_in / 4; g++)
             dcorr[g] = -a->off * (q[4 * g] + q[4 * g + 1] + q[4 * g + 2] + q[4 * g + 3]);
     }
 }

@@ -112,6 +112,7 @@ merge_tables(void)
                 o.rows = r->rows;
                 o.prep_bytes = NULL;
                 o.prep = NULL;
+                o.dcorr = false;
             }
             if (!o.rows_batch)
                 o.rows_batch = o.rows;

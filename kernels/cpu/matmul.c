@@ -29,6 +29,7 @@
  */
 #include <errno.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -105,9 +106,10 @@ rows_task(void *ctx, int ith, int nth)
 
 /* ---- kern_matmul ---- */
 
-/* Lays out the activation arrays at the start of buf; returns the bytes used (buf NULL: sizes). */
+/* Lays out the activation arrays at the start of buf; returns the bytes used (buf NULL: sizes).
+ * dcorr only exists when the kernel reads it. */
 static size_t
-act_layout(struct kern_cpu_act *a, uint8_t *buf)
+act_layout(struct kern_cpu_act *a, bool want_dcorr, uint8_t *buf)
 {
     size_t n_q = (size_t)a->n_tok * (size_t)a->n_in;
     size_t n_u = (size_t)a->n_tok * (size_t)a->n_units;
@@ -120,8 +122,11 @@ act_layout(struct kern_cpu_act *a, uint8_t *buf)
     off += ALIGN64(n_u * sizeof(float));
     a->corr = (int32_t *)(buf + off);
     off += ALIGN64(n_u * sizeof(int32_t));
-    a->dcorr = (int32_t *)(buf + off);
-    off += ALIGN64(n_q / 4 * sizeof(int32_t));
+    a->dcorr = NULL;
+    if (want_dcorr) {
+        a->dcorr = (int32_t *)(buf + off);
+        off += ALIGN64(n_q / 4 * sizeof(int32_t));
+    }
     if (a->prep_stride) {
         a->prep = buf + off;
         off += (size_t)a->n_tok * a->prep_stride;
@@ -155,13 +160,15 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
     struct kern_cpu_act act = {.n_tok = n_tok, .n_in = w->n_in, .x = x};
     size_t act_bytes = 0;
     int batched = n_tok >= iops->batch_min;
+    bool want_dcorr = false;
     if (tops->unit) {
         act.unit = tops->unit;
         act.n_units = w->n_in / tops->unit;
         act.off = tops->off;
         if (!batched && tops->prep)
             act.prep_stride = ALIGN64(tops->prep_bytes(w->n_in));
-        act_bytes = act_layout(&act, NULL);
+        want_dcorr = !batched && tops->dcorr && tops->off;
+        act_bytes = act_layout(&act, want_dcorr, NULL);
     }
     size_t thread_bytes = ALIGN64(kern_cpu_mm_scratch_bytes(w->n_in));
     uint8_t *buf = NULL;
@@ -169,7 +176,7 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
     if (rc)
         return rc;
     if (tops->unit) {
-        act_layout(&act, buf);
+        act_layout(&act, want_dcorr, buf);
         struct quant_task qt = {.x = x,
                                 .act = &act,
                                 .fn = iops->act_quant,

@@ -7,7 +7,12 @@
  * are spread over copies totalling more than the last-level cache, and calls rotate through them,
  * so decode figures come from memory as in a real forward pass (--hot: one copy, cache-resident).
  *
+ * --model instead runs the matmuls of one SmolLM2-135M forward pass (30 layers of Q4_1 q, k, v, o,
+ * gate, up, down with their own weights, then the 49152 x 576 Q8_0 head) for n_tok 1 and 512 and
+ * prints the matmul-only time per pass and the tokens per second it allows.
+ *
  * usage: kbench [-t threads] [-T seconds] [--hot] [--types q4_1,q8_0] [--ntok 1,512] [--isa avx512]
+ *        kbench --model [-t threads] [--isa avx512]
  */
 #include <errno.h>
 #include <stdio.h>
@@ -80,10 +85,98 @@ parse_list(const char *s, char out[][16], int max)
     return n;
 }
 
+/* ---- The matmuls of one SmolLM2-135M forward pass ---- */
+
+struct model_mat {
+    struct kern_matrix m;
+    uint8_t *data;
+};
+
+static int
+model_mats(struct model_mat *mats, int *n_mats)
+{
+    static const int64_t layer[7][2] = {{576, 576},  {576, 192},  {576, 192}, {576, 576},
+                                        {576, 1536}, {576, 1536}, {1536, 576}};
+    float *row = malloc(sizeof(float) * 1536);
+    if (!row)
+        return -1;
+    int n = 0;
+    for (int l = 0; l <= 30; l++) {
+        for (int k = 0; k < (l < 30 ? 7 : 1); k++) {
+            enum kern_dtype t = l < 30 ? KERN_DTYPE_Q4_1 : KERN_DTYPE_Q8_0;
+            int64_t n_in = l < 30 ? layer[k][0] : 576, n_out = l < 30 ? layer[k][1] : 49152;
+            size_t rb = kern_row_bytes((uint32_t)t, n_in);
+            uint8_t *data = malloc(rb * (size_t)n_out);
+            if (!data)
+                return -1;
+            for (int64_t o = 0; o < n_out; o++) {
+                for (int64_t i = 0; i < n_in; i++)
+                    row[i] = frand();
+                kern_quantize_row(t, row, data + o * (int64_t)rb, n_in);
+            }
+            mats[n].data = data;
+            mats[n++].m = (struct kern_matrix){
+                .type = t, .n_in = n_in, .n_out = n_out, .row_bytes = rb, .data = data};
+        }
+    }
+    free(row);
+    *n_mats = n;
+    return 0;
+}
+
+static int
+run_model(struct kern_pool *pool, int only_isa)
+{
+    struct model_mat mats[7 * 30 + 1];
+    int n_mats = 0;
+    if (model_mats(mats, &n_mats))
+        return 1;
+    size_t bytes = 0;
+    double macs = 0.0;
+    for (int i = 0; i < n_mats; i++) {
+        bytes += mats[i].m.row_bytes * (size_t)mats[i].m.n_out;
+        macs += (double)mats[i].m.n_in * (double)mats[i].m.n_out;
+    }
+    printf("kbench --model: SmolLM2-135M matmuls, %d matrices, %.1f MiB, threads=%d\n", n_mats,
+           (double)bytes / (1 << 20), kern_pool_n_threads(pool));
+    static const int ntoks[2] = {1, 512};
+    for (int k = 0; k < 2; k++) {
+        int n_tok = ntoks[k];
+        float *x = malloc(sizeof(float) * 1536 * (size_t)n_tok);
+        float *y = malloc(sizeof(float) * 49152 * (size_t)n_tok);
+        if (!x || !y)
+            return 1;
+        for (int64_t i = 0; i < 1536 * (int64_t)n_tok; i++)
+            x[i] = frand();
+        for (int isa = KERN_ISA_AVX2; isa <= (int)kern_cpu_best_isa(); isa++) {
+            if (only_isa >= 0 && isa != only_isa)
+                continue;
+            kern_cpu_set_isa((enum kern_isa)isa);
+            double best = 1e30;
+            for (int rep = 0; rep < (n_tok == 1 ? 20 : 3); rep++) {
+                uint64_t t0 = cm_now_ns();
+                for (int i = 0; i < n_mats; i++)
+                    if (kern_matmul(pool, &mats[i].m, x, n_tok, y))
+                        return 1;
+                double ns = (double)(cm_now_ns() - t0);
+                best = ns < best ? ns : best;
+            }
+            printf("n_tok=%-4d %-7s %9.3f ms/pass %9.1f tok/s %8.2f GB/s %8.1f GOP/s\n", n_tok,
+                   kern_isa_name((enum kern_isa)isa), best / 1e6, n_tok * 1e9 / best,
+                   (double)bytes / best, 2.0 * macs * n_tok / best);
+        }
+        free(x);
+        free(y);
+    }
+    for (int i = 0; i < n_mats; i++)
+        free(mats[i].data);
+    return 0;
+}
+
 int
 main(int argc, char **argv)
 {
-    int n_threads = 2, hot = 0, only_isa = -1;
+    int n_threads = 2, hot = 0, only_isa = -1, model = 0;
     double seconds = 0.3;
     char types[8][16] = {"q4_1", "q8_0"};
     int n_types = 2;
@@ -98,6 +191,8 @@ main(int argc, char **argv)
             for (int k = KERN_ISA_SCALAR; k <= KERN_ISA_AVX512; k++)
                 if (!strcmp(argv[i], kern_isa_name((enum kern_isa)k)))
                     only_isa = k;
+        } else if (!strcmp(argv[i], "--model")) {
+            model = 1;
         } else if (!strcmp(argv[i], "--hot")) {
             hot = 1;
         } else if (!strcmp(argv[i], "--types") && i + 1 < argc) {
@@ -117,6 +212,11 @@ main(int argc, char **argv)
     if (kern_pool_new(n_threads, &pool)) {
         fprintf(stderr, "kbench: cannot start %d threads\n", n_threads);
         return 1;
+    }
+    if (model) {
+        int rc = run_model(pool, only_isa);
+        kern_pool_free(pool);
+        return rc;
     }
     printf("kbench: threads=%d best_isa=%s %s\n", n_threads, kern_isa_name(kern_cpu_best_isa()),
            hot ? "hot (cache-resident weights)" : "cold (weights rotate through > 128 MiB)");

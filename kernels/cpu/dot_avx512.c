@@ -7,17 +7,22 @@
  *   unpack64(e0)  the 64 canonical bytes qc of elements [e0, e0 + 64) of a row, natural order
  *   scales16(c)   dw and mw of the 16 scale units of chunk c (16 * unit elements)
  *
- * Small batches (rows_*): each row is unpacked 64 elements at a time and applied to up to four
- * tokens held in registers. vpdpbusd multiplies the unsigned qc by the signed activations; the
- * offset of the offset types enters as the per-dword correction dcorr the activation quantizer
- * stored, so each lane's integer sum is exact. Lane l of a 64-element step belongs to one unit;
- * the f32 scales dw * da of the chunk's 16 units are spread onto the lanes with vpermps.
+ * Small batches (rows_*, n_tok < batch_min): a tile of up to four rows is unpacked 64 elements at
+ * a time and applied to the tokens held in registers (4 rows x 1 token, 2 x 2, 1 x 3 or 1 x 4).
+ * vpdpbusd multiplies the unsigned qc by the signed activations; the offset of the offset types
+ * enters as the per-dword correction dcorr the activation quantizer stored, so each lane's integer
+ * sum is exact. Lane l of a 64-element step belongs to one unit; the f32 scales dw * da of the
+ * chunk's 16 units are spread onto the lanes with vpermps. Q4_0, Q4_1 and Q8_0, the common types,
+ * have their own kernels that read whole block groups in place ("Small-batch kernels for Q4_0,
+ * Q4_1 and Q8_0" below) and prefetch ahead of the hardware prefetchers.
  *
  * Large batches (rows_batch_*): 32 rows at a time are converted to canonical form and interleaved
  * so that a zmm holds the same 4 elements of 16 rows; the activations' 4-byte groups are then
  * broadcast, and one vpdpbusd does 16 rows x 4 elements. Per unit and token the integer sums
  * start from the unit's correction corr, and are scaled once: 8 (unit 32) vpdpbusd per
  * cvt + mul + fma. Weights are read once per call and reused from L1/L2 for every token tile.
+ *
+ * Float weights: tiles of 4 rows (converted to f32) x 4 tokens of f32 FMAs.
  */
 #include <immintrin.h>
 #include <string.h>
@@ -87,16 +92,19 @@ ld32(const uint8_t *p)
     return v;
 }
 
+/* The eight 6-bit scales and mins of a Q4_K/Q5_K super-block (layout in quant.h), four at a time
+ * in 32-bit words: the high two bits of sub-blocks 4..7 sit in bits 6..7 of bytes 0..7. */
 AI void
-k_scale_min(const uint8_t *q, int j, uint8_t *sc, uint8_t *mn)
+k_scales8(const uint8_t *q, uint8_t sc[8], uint8_t mn[8])
 {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *mn = q[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *mn = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
+    uint32_t w0 = ld32(q), w1 = ld32(q + 4), w2 = ld32(q + 8);
+    uint32_t s0 = w0 & 0x3F3F3F3Fu, m0 = w1 & 0x3F3F3F3Fu;
+    uint32_t s1 = (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u);
+    uint32_t m1 = ((w2 >> 4) & 0x0F0F0F0Fu) | ((w1 >> 2) & 0x30303030u);
+    memcpy(sc, &s0, 4);
+    memcpy(sc + 4, &s1, 4);
+    memcpy(mn, &m0, 4);
+    memcpy(mn + 4, &m1, 4);
 }
 
 /* ---- Unpacking: 64 canonical bytes ---- */
@@ -211,8 +219,7 @@ scales16(int kt, const uint8_t *row, int64_t c, int nu_c, __m512 *dw, __m512 *mw
     float dd[2] = {0.0f, 0.0f}, dm[2] = {0.0f, 0.0f};
     for (int s = 0; s < nu_c / 8; s++) {
         const uint8_t *sb = row + (2 * c + s) * bs;
-        for (int j = 0; j < 8; j++)
-            k_scale_min(sb + 4, j, &sc[8 * s + j], &mn[8 * s + j]);
+        k_scales8(sb + 4, sc + 8 * s, mn + 8 * s);
         dd[s] = h2f(sb);
         dm[s] = h2f(sb + 2);
     }
@@ -306,80 +313,107 @@ canon_generic(int kt, const void *src, int64_t n, uint8_t *qc, float *d, float *
 
 /* ---- Small-batch kernel ---- */
 
-/* y[t * n_out] for tokens t0 .. t0 + nt - 1 of one row. */
+/* R rows x T tokens (R * T <= 4); y points at y[t0 * n_out + r]. */
 AI void
-dot_tile(int kt, const uint8_t *row, const struct kern_cpu_act *a, int t0, int nt, float *y,
-         int64_t n_out)
+dot_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_act *a, int t0,
+         int R, int T, float *y)
 {
     const int unit = kt_unit(kt), has_min = kt_has_min(kt), has_off = kt_off(kt) != 0;
     const int64_t nu = a->n_units, n_in = a->n_in;
-    __m512 accf[4], accm[4];
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++) {
-        accf[t] = _mm512_setzero_ps();
-        accm[t] = _mm512_setzero_ps();
+    const uint8_t *rows[4];
+    __m512 accf[4][4], accm[4][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++) {
+        rows[i] = (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes;
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            accf[i][t] = _mm512_setzero_ps();
+            accm[i][t] = _mm512_setzero_ps();
+        }
     }
     for (int64_t c = 0; c * 16 < nu; c++) {
         int nu_c = (int)(nu - c * 16 < 16 ? nu - c * 16 : 16);
         __mmask16 um = (__mmask16)((1u << nu_c) - 1);
-        __m512 dw, mw, sv[4];
-        scales16(kt, row, c, nu_c, &dw, &mw);
-#pragma GCC unroll 8
-        for (int t = 0; t < nt; t++) {
-            int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
-            sv[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(um, a->d + ut));
-            if (has_min)
-                accm[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(um, a->s + ut), accm[t]);
+        __m512 sv[4][4];
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            __m512 dw, mw;
+            scales16(kt, rows[i], c, nu_c, &dw, &mw);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
+                sv[i][t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(um, a->d + ut));
+                if (has_min)
+                    accm[i][t] =
+                        _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(um, a->s + ut), accm[i][t]);
+            }
         }
         int64_t ec = c * 16 * unit;
         for (int v = 0; v * 64 < nu_c * unit; v++) {
             int half = nu_c * unit - v * 64 < 64;
             int64_t e = ec + 64 * v;
-            __m512i w = unpack64(kt, row, e, half);
             __m512i iu = lane_units(unit, v);
-#pragma GCC unroll 8
-            for (int t = 0; t < nt; t++) {
+            __m512i av[4], a0[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
                 const int8_t *q = a->q + (int64_t)(t0 + t) * n_in + e;
                 const int32_t *dc = a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4;
-                __m512i av = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q)
-                                  : _mm512_loadu_si512((const void *)q);
-                __m512i acc = _mm512_setzero_si512();
+                av[t] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q)
+                             : _mm512_loadu_si512((const void *)q);
+                a0[t] = _mm512_setzero_si512();
                 if (has_off)
-                    acc = half ? _mm512_maskz_loadu_epi32(0xFF, dc)
-                               : _mm512_loadu_si512((const void *)dc);
-                acc = _mm512_dpbusd_epi32(acc, w, av);
-                accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(iu, sv[t]),
-                                          accf[t]);
+                    a0[t] = half ? _mm512_maskz_loadu_epi32(0xFF, dc)
+                                 : _mm512_loadu_si512((const void *)dc);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                __m512i wv = unpack64(kt, rows[i], e, half);
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) {
+                    __m512i acc = _mm512_dpbusd_epi32(a0[t], wv, av[t]);
+                    accf[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
+                                                 _mm512_permutexvar_ps(iu, sv[i][t]), accf[i][t]);
+                }
             }
         }
     }
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++)
-        y[(int64_t)t * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(accf[t], accm[t]));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++)
+            y[(int64_t)t * w->n_out + i] =
+                _mm512_reduce_add_ps(_mm512_add_ps(accf[i][t], accm[i][t]));
 }
 
 AI void
 rows_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
 {
     const struct kern_matrix *w = mm->w;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + r * (int64_t)w->row_bytes;
-        for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
-            float *y = mm->y + (int64_t)t0 * w->n_out + r;
-            switch (mm->n_tok - t0) {
-            case 1:
-                dot_tile(kt, row, mm->act, t0, 1, y, w->n_out);
-                break;
-            case 2:
-                dot_tile(kt, row, mm->act, t0, 2, y, w->n_out);
-                break;
-            case 3:
-                dot_tile(kt, row, mm->act, t0, 3, y, w->n_out);
-                break;
-            default:
-                dot_tile(kt, row, mm->act, t0, 4, y, w->n_out);
-                break;
-            }
+    for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
+        int nt = mm->n_tok - t0 < 4 ? mm->n_tok - t0 : 4;
+        float *y = mm->y + (int64_t)t0 * w->n_out;
+        int64_t r = r0;
+        switch (nt) {
+        case 1:
+            for (; r + 4 <= r1; r += 4)
+                dot_tile(kt, w, r, mm->act, t0, 4, 1, y + r);
+            for (; r < r1; r++)
+                dot_tile(kt, w, r, mm->act, t0, 1, 1, y + r);
+            break;
+        case 2:
+            for (; r + 2 <= r1; r += 2)
+                dot_tile(kt, w, r, mm->act, t0, 2, 2, y + r);
+            for (; r < r1; r++)
+                dot_tile(kt, w, r, mm->act, t0, 1, 2, y + r);
+            break;
+        case 3:
+            for (; r < r1; r++)
+                dot_tile(kt, w, r, mm->act, t0, 1, 3, y + r);
+            break;
+        default:
+            for (; r < r1; r++)
+                dot_tile(kt, w, r, mm->act, t0, 1, 4, y + r);
+            break;
         }
     }
 }
@@ -827,64 +861,77 @@ dequant_bf16(const void *src, float *dst, int64_t n)
     }
 }
 
+/* R rows (converted to f32, ld floats apart) x T tokens; y points at y[t0 * n_out + r]. */
 AI void
-float_tile(const float *row, const float *x, int64_t n, int nt, float *y, int64_t n_out)
+float_tile(const float *rows, int64_t ld, const float *x, int64_t n, int R, int T, float *y,
+           int64_t n_out)
 {
-    __m512 acc[4];
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++)
-        acc[t] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        __m512 wv = _mm512_loadu_ps(row + k);
-#pragma GCC unroll 8
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * n + k), acc[t]);
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+            acc[i][t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += 16) {
+        __mmask16 m = (__mmask16)(n - k >= 16 ? 0xFFFF : (1u << (n - k)) - 1);
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+            xv[t] = _mm512_maskz_loadu_ps(m, x + t * n + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, rows + i * ld + k);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++)
+                acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
+        }
     }
-    if (k < n) {
-        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
-        __m512 wv = _mm512_maskz_loadu_ps(m, row + k);
-#pragma GCC unroll 8
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * n + k), acc[t]);
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++)
-        y[(int64_t)t * n_out] = _mm512_reduce_add_ps(acc[t]);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++)
+            y[(int64_t)t * n_out + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
+/* Float weights: R rows at a time as f32 (converted into scratch unless F32), tokens by 4. */
 static void
 rows_float(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)
 {
     const struct kern_matrix *w = mm->w;
-    const int64_t n = w->n_in;
-    float *buf = scratch;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *src = (const uint8_t *)w->data + r * (int64_t)w->row_bytes;
-        const float *row = buf;
-        if (w->type == KERN_DTYPE_F32)
-            row = (const float *)src;
-        else if (w->type == KERN_DTYPE_F16)
-            dequant_f16(src, buf, n);
-        else
-            dequant_bf16(src, buf, n);
+    const int64_t n = w->n_in, ld = (n + 15) & ~(int64_t)15;
+    for (int64_t r = r0; r < r1; r += 4) {
+        int R = r1 - r < 4 ? (int)(r1 - r) : 4;
+        const float *rows = scratch;
+        int64_t rld = ld;
+        if (w->type == KERN_DTYPE_F32) {
+            rows = (const float *)((const uint8_t *)w->data + r * (int64_t)w->row_bytes);
+            rld = n;
+        } else {
+            for (int i = 0; i < R; i++) {
+                const uint8_t *src = (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes;
+                if (w->type == KERN_DTYPE_F16)
+                    dequant_f16(src, (float *)scratch + i * ld, n);
+                else
+                    dequant_bf16(src, (float *)scratch + i * ld, n);
+            }
+        }
         for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
+            int T = mm->n_tok - t0 < 4 ? mm->n_tok - t0 : 4;
             const float *x = mm->act->x + (int64_t)t0 * n;
             float *y = mm->y + (int64_t)t0 * w->n_out + r;
-            switch (mm->n_tok - t0) {
-            case 1:
-                float_tile(row, x, n, 1, y, w->n_out);
-                break;
-            case 2:
-                float_tile(row, x, n, 2, y, w->n_out);
-                break;
-            case 3:
-                float_tile(row, x, n, 3, y, w->n_out);
-                break;
-            default:
-                float_tile(row, x, n, 4, y, w->n_out);
-                break;
-            }
+            if (R == 4 && T == 4)
+                float_tile(rows, rld, x, n, 4, 4, y, w->n_out);
+            else if (R == 4)
+                for (int t = 0; t < T; t++)
+                    float_tile(rows, rld, x + t * n, n, 4, 1, y + (int64_t)t * w->n_out, w->n_out);
+            else if (T == 4)
+                for (int i = 0; i < R; i++)
+                    float_tile(rows + i * rld, rld, x, n, 1, 4, y + i, w->n_out);
+            else
+                for (int i = 0; i < R; i++)
+                    for (int t = 0; t < T; t++)
+                        float_tile(rows + i * rld, rld, x + t * n, n, 1, 1,
+                                   y + (int64_t)t * w->n_out + i, w->n_out);
         }
     }
 }

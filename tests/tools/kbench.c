@@ -231,6 +231,8 @@ main(int argc, char **argv)
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
             struct shape sh = shapes[si];
             size_t rb = kern_row_bytes((uint32_t)t, sh.n_in), bytes = rb * (size_t)sh.n_out;
+            if (!rb)
+                continue; /* n_in not a multiple of the block (K-quants: 256) */
             int n_copies = hot ? 1 : (int)((128u << 20) / bytes + 1);
             struct kern_matrix *m = calloc((size_t)n_copies, sizeof(*m));
             uint8_t *data = malloc(bytes * (size_t)n_copies);

@@ -44,8 +44,10 @@ const char *kern_isa_name(enum kern_isa isa);
 
 struct kern_pool;
 
-/* A task: called once on each of nth threads with ith = 0..nth-1 (the caller of kern_pool_run is
- * ith 0). */
+/* A task: called once for each ith = 0..nth-1, normally each on its own thread (the caller of
+ * kern_pool_run is ith 0). An ith that no worker has picked up by the time the caller is done with
+ * its own runs on the caller instead (a worker may have lost its core), so the iths of a task must
+ * never wait for each other. */
 typedef void (*kern_task_fn)(void *ctx, int ith, int nth);
 
 /* Starts n_threads - 1 workers (the caller is the n-th). Returns 0, -EINVAL, or -ENOMEM/-EAGAIN. */

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -487,6 +489,71 @@ test_kernels_matmul_simd_vs_scalar(void **state)
     kern_pool_free(pool);
 }
 
+/* Places n bytes so that they end where an inaccessible page begins; *base is the mapping. */
+static void *
+guarded(size_t n, void **base, size_t *len)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t span = (n + page - 1) / page * page;
+    *len = span + page;
+    uint8_t *p = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(p != MAP_FAILED);
+    assert_int_equal(mprotect(p + span, page, PROT_NONE), 0);
+    *base = p;
+    return p + span - n;
+}
+
+/* The kernels never read past the last weight row or the last activation (the SIMD kernels use
+ * wide and masked loads near the ends): both end at an inaccessible page. */
+static void
+test_kernels_matmul_reads_within_bounds(void **state)
+{
+    enum kern_isa isa = state_isa(state);
+    static const int n_toks[] = {1, 2, 5, 9};
+    struct kern_pool *pool = NULL;
+    assert_int_equal(kern_pool_new(2, &pool), 0);
+    for (size_t ti = 0; ti < N_TYPES; ti++) {
+        enum kern_dtype t = all_types[ti];
+        int64_t n_in = block_of(t) == 256 ? 256 : (t == KERN_DTYPE_F32 ? 35 : 96), n_out = 5;
+        struct rng r = {31 + ti};
+        struct wmat w;
+        wmat_init(&w, &r, t, n_in, n_out);
+        size_t wbytes = w.m.row_bytes * (size_t)n_out, wlen, xlen;
+        void *wbase, *xbase;
+        uint8_t *wg = guarded(wbytes, &wbase, &wlen);
+        memcpy(wg, w.data, wbytes);
+        w.m.data = wg;
+        for (size_t k = 0; k < 4; k++) {
+            int n_tok = n_toks[k];
+            float *x = guarded(sizeof(float) * (size_t)(n_in * n_tok), &xbase, &xlen);
+            float *y = malloc(sizeof(float) * (size_t)(n_out * n_tok));
+            float *yr = malloc(sizeof(float) * (size_t)(n_out * n_tok));
+            fill_normal(&r, x, n_in * n_tok, 1.0f);
+            assert_int_equal(kern_matmul_ref(&w.m, x, n_tok, yr), 0);
+            assert_int_equal(kern_cpu_set_isa(isa), 0);
+            assert_int_equal(kern_matmul(pool, &w.m, x, n_tok, y), 0);
+            restore_isa();
+            double e = nmse(y, yr, n_out * n_tok);
+            /* only 5..45 outputs here: the quantization noise in the NMSE is not averaged out */
+            if (!(e <= 10 * matmul_tol(t)))
+                fail_msg("%s %s n_tok=%d: nmse %g", kern_isa_name(isa), kern_dtype_traits(t)->name,
+                         n_tok, e);
+            float *row = malloc(sizeof(float) * (size_t)n_in);
+            assert_int_equal(kern_cpu_set_isa(isa), 0);
+            assert_int_equal(
+                kern_dequant_row(t, wg + w.m.row_bytes * (size_t)(n_out - 1), row, n_in), 0);
+            restore_isa();
+            free(row);
+            free(y);
+            free(yr);
+            munmap(xbase, xlen);
+        }
+        munmap(wbase, wlen);
+        free(w.data);
+    }
+    kern_pool_free(pool);
+}
+
 static void
 test_kernels_matrix_check(void **state)
 {
@@ -677,6 +744,12 @@ main(void)
          (void *)&isa_avx2},
         {"test_kernels_matmul_simd_vs_scalar/avx512", test_kernels_matmul_simd_vs_scalar, NULL,
          NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_reads_within_bounds/scalar", test_kernels_matmul_reads_within_bounds,
+         NULL, NULL, (void *)&isa_scalar},
+        {"test_kernels_matmul_reads_within_bounds/avx2", test_kernels_matmul_reads_within_bounds,
+         NULL, NULL, (void *)&isa_avx2},
+        {"test_kernels_matmul_reads_within_bounds/avx512", test_kernels_matmul_reads_within_bounds,
+         NULL, NULL, (void *)&isa_avx512},
         cmocka_unit_test(test_kernels_matrix_check),
         cmocka_unit_test(test_kernels_isa_selection),
         cmocka_unit_test(test_kernels_elementwise),

@@ -546,30 +546,73 @@ batch_tiles_u16_off(const struct itile *it, const struct kern_cpu_mm *mm, int64_
     batch_tiles(16, 0, 1, it, mm, r, nr);
 }
 
-/* Converts rows [r, r + nr) to an interleaved tile (rows past nr are zero). */
+/* Transposes 16 rows of ncols (<= 16) dwords, ld bytes apart, into ncols vectors of 16 dwords
+ * (one per column, 64 bytes apart at dst). */
+AI void
+transpose16(const uint8_t *src, int64_t ld, int ncols, uint8_t *dst)
+{
+    __mmask16 m = (__mmask16)(ncols >= 16 ? 0xFFFF : (1u << ncols) - 1);
+    __m512i r[16], t[16], u[16];
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; l++)
+        r[l] = _mm512_maskz_loadu_epi32(m, src + l * ld);
+#pragma GCC unroll 8
+    for (int l = 0; l < 16; l += 2) {
+        t[l] = _mm512_unpacklo_epi32(r[l], r[l + 1]);
+        t[l + 1] = _mm512_unpackhi_epi32(r[l], r[l + 1]);
+    }
+    /* u[4a + j], 128-bit lane L: rows 4a..4a+3 of column 4L + j */
+#pragma GCC unroll 4
+    for (int a = 0; a < 16; a += 4) {
+        u[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
+        u[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
+        u[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
+        u[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+        __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+        __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+        __m512i w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+        __m512i o[4] = {_mm512_shuffle_i32x4(v0, w0, 0x88), _mm512_shuffle_i32x4(v1, w1, 0x88),
+                        _mm512_shuffle_i32x4(v0, w0, 0xDD), _mm512_shuffle_i32x4(v1, w1, 0xDD)};
+#pragma GCC unroll 4
+        for (int L = 0; L < 4; L++)
+            if (4 * L + j < ncols)
+                _mm512_store_si512((void *)(dst + 64 * (4 * L + j)), o[L]);
+    }
+}
+
+/* Converts rows [r, r + nr) to an interleaved tile (rows past nr are zero): each group of 16 rows
+ * goes to canonical form in tmp (16 rows of ldq bytes, then 16 rows of nu scales and of nu mins)
+ * and is transposed by blocks of 16 dwords. */
 AI void
 build_tile(int kt, const struct kern_matrix *w, int64_t r, int nr, const struct itile *it,
            uint8_t *tmp)
 {
     const int64_t n_in = w->n_in, nu = n_in / kt_unit(kt), n_dw = n_in / 4;
-    float *td = (float *)(tmp + ((n_in + 63) & ~(int64_t)63)), *tm = td + nu + 16;
-    for (int i = 0; i < BT_ROWS; i++) {
-        int g = i / 16, l = i % 16;
-        if (i < nr) {
-            canon_generic(kt, (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes, n_in, tmp,
-                          td, tm);
-        } else {
-            memset(tmp, 0, (size_t)n_in);
-            memset(td, 0, sizeof(float) * (size_t)nu);
-            memset(tm, 0, sizeof(float) * (size_t)nu);
+    const int64_t ldq = (n_in + 63) & ~(int64_t)63;
+    float *td = (float *)(tmp + 16 * ldq), *tm = td + 16 * nu;
+#pragma GCC unroll 1
+    for (int g = 0; g < 2; g++) {
+        for (int l = 0; l < 16; l++) {
+            int i = 16 * g + l;
+            if (i < nr) {
+                canon_generic(kt, (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes, n_in,
+                              tmp + l * ldq, td + l * nu, tm + l * nu);
+            } else {
+                memset(tmp + l * ldq, 0, (size_t)n_in);
+                memset(td + l * nu, 0, sizeof(float) * (size_t)nu);
+                memset(tm + l * nu, 0, sizeof(float) * (size_t)nu);
+            }
         }
-        uint32_t *dq = (uint32_t *)it->q[g] + l;
-        const uint32_t *sq = (const uint32_t *)tmp;
-        for (int64_t k = 0; k < n_dw; k++)
-            dq[16 * k] = sq[k];
-        for (int64_t u = 0; u < nu; u++) {
-            it->d[g][16 * u + l] = td[u];
-            it->m[g][16 * u + l] = tm[u];
+        for (int64_t k = 0; k < n_dw; k += 16)
+            transpose16(tmp + 4 * k, ldq, (int)(n_dw - k < 16 ? n_dw - k : 16), it->q[g] + 64 * k);
+        for (int64_t u = 0; u < nu; u += 16) {
+            int nc = (int)(nu - u < 16 ? nu - u : 16);
+            transpose16((const uint8_t *)(td + u), 4 * nu, nc, (uint8_t *)(it->d[g] + 16 * u));
+            transpose16((const uint8_t *)(tm + u), 4 * nu, nc, (uint8_t *)(it->m[g] + 16 * u));
         }
     }
 }
@@ -1084,6 +1127,6 @@ const struct kern_cpu_isa_ops kern_cpu_isa_avx512 = {
     .isa = KERN_ISA_AVX512,
     .types = avx512_types,
     .act_quant = act_quant,
-    .batch_min = 8,
+    .batch_min = 6,
     .row_align = BT_ROWS,
 };

@@ -206,12 +206,10 @@ kern_cpu_act_quant_ref(const float *x, struct kern_cpu_act *a, int blk, int t0, 
 size_t
 kern_cpu_mm_scratch_bytes(int64_t n_in)
 {
-    /* canonical row (bytes, scales, mins) or a dequantized f32 row, plus room for SIMD kernels to
-     * hold 16 canonical rows. */
-    size_t canon = (size_t)n_in + 2 * sizeof(float) * (size_t)(n_in / 16 + 16);
-    size_t f32 = sizeof(float) * (size_t)n_in;
-    size_t one = (canon > f32 ? canon : f32) + 256;
-    return 16 * one + 4096;
+    /* The largest user is the AVX-512 batch kernel: 32 interleaved rows (bytes, and f32 scales and
+     * mins per unit of 16 or 32) plus 16 canonical rows being converted: under 80 bytes per
+     * element of n_in. The reference kernels need one canonical or f32 row. */
+    return 96 * (size_t)n_in + 64 * 1024;
 }
 
 void

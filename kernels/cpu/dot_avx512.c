@@ -1076,16 +1076,18 @@ act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
     {                                                                                              \
         canon_generic(kt, src, n, qc, d, m);                                                       \
     }                                                                                              \
-    __attribute__((unused)) static void rows_##name(const struct kern_cpu_mm *mm, int64_t r0,      \
-                                                    int64_t r1, void *scratch)                     \
-    {                                                                                              \
-        (void)scratch;                                                                             \
-        rows_generic(kt, mm, r0, r1);                                                              \
-    }                                                                                              \
     static void rows_batch_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,            \
                                   void *scratch)                                                   \
     {                                                                                              \
         rows_batch_generic(kt, mm, r0, r1, scratch);                                               \
+    }
+
+/* The generic small-batch kernel, for the types without a block-group kernel. */
+#define DEFINE_ROWS(name, kt)                                                                      \
+    static void rows_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)   \
+    {                                                                                              \
+        (void)scratch;                                                                             \
+        rows_generic(kt, mm, r0, r1);                                                              \
     }
 
 DEFINE_TYPE(q4_0, KT_Q4_0)
@@ -1096,6 +1098,11 @@ DEFINE_TYPE(q8_0, KT_Q8_0)
 DEFINE_TYPE(q4_k, KT_Q4_K)
 DEFINE_TYPE(q5_k, KT_Q5_K)
 DEFINE_TYPE(q6_k, KT_Q6_K)
+DEFINE_ROWS(q5_0, KT_Q5_0)
+DEFINE_ROWS(q5_1, KT_Q5_1)
+DEFINE_ROWS(q4_k, KT_Q4_K)
+DEFINE_ROWS(q5_k, KT_Q5_K)
+DEFINE_ROWS(q6_k, KT_Q6_K)
 
 #define QUANT_ENTRY(name)                                                                          \
     {                                                                                              \

@@ -23,9 +23,13 @@
  *
  * ---- Work split ----
  *
- * The activations are quantized once per call (split across the pool by token rows), then the
- * output rows are handed out in chunks from an atomic counter. A kernel reads each weight row (or
- * each group of 16 rows) once for every token of the batch.
+ * The activations are quantized once per call (on the calling thread for small batches, else split
+ * across the pool by token rows; kernels with their own activation layout re-lay them out in the
+ * same step), then the output rows are handed out in chunks from an atomic counter, so a thread
+ * that lost its core does not hold the others up. Below the ISA's batch_min tokens the small-batch
+ * kernel (rows) unpacks each weight row once per tile of up to four tokens; from batch_min on the
+ * batch kernel (rows_batch) converts a tile of rows once and runs every token over it. Either way
+ * the weights are read from memory once per call.
  */
 #include <errno.h>
 #include <stdatomic.h>

@@ -9,6 +9,7 @@
 
 #include "common/cm_util.h"
 #include "engine/gguf.h"
+#include "engine/kv.h"
 
 /* ---- Loading ---- */
 
@@ -25,8 +26,8 @@ set_err(char *err, size_t err_len, const char *fmt, ...)
 
 /* Reads "<arch>.<suffix>" as a positive int. */
 static int
-get_hparam(const struct eng_gguf *g, const char *arch, const char *suffix, bool required,
-           int dflt, int *out, char *err, size_t err_len)
+get_hparam(const struct eng_gguf *g, const char *arch, const char *suffix, bool required, int dflt,
+           int *out, char *err, size_t err_len)
 {
     char key[128];
     snprintf(key, sizeof(key), "%s.%s", arch, suffix);
@@ -104,8 +105,8 @@ get_vec(const struct eng_gguf *g, const char *name, int n, bool required, const 
 
 /* A 2-D matrix of n_out rows of n_in elements (GGUF shape [n_in, n_out]). */
 static int
-get_matrix(const struct eng_gguf *g, const char *name, int n_in, int n_out,
-           struct kern_matrix *out, char *err, size_t err_len)
+get_matrix(const struct eng_gguf *g, const char *name, int n_in, int n_out, struct kern_matrix *out,
+           char *err, size_t err_len)
 {
     const struct eng_gguf_tensor *t = find_tensor(g, name, err, err_len);
     if (!t)
@@ -165,10 +166,10 @@ load_hparams(const struct eng_gguf *g, struct eng_hparams *hp, char *arch_out, s
         (rc = get_hparam(g, arch, "feed_forward_length", true, 0, &hp->n_ff, err, err_len)) < 0 ||
         (rc = get_hparam(g, arch, "attention.head_count", true, 0, &hp->n_head, err, err_len)) <
             0 ||
-        (rc = get_hparam(g, arch, "attention.head_count_kv", false, hp->n_head, &hp->n_head_kv,
-                         err, err_len)) < 0 ||
-        (rc = get_hparam(g, arch, "context_length", false, 2048, &hp->n_ctx_train, err,
-                         err_len)) < 0)
+        (rc = get_hparam(g, arch, "attention.head_count_kv", false, hp->n_head, &hp->n_head_kv, err,
+                         err_len)) < 0 ||
+        (rc = get_hparam(g, arch, "context_length", false, 2048, &hp->n_ctx_train, err, err_len)) <
+            0)
         return rc;
     if (hp->n_embd % hp->n_head != 0 || hp->n_head % hp->n_head_kv != 0 || hp->n_layer > 1024) {
         set_err(err, err_len,
@@ -187,8 +188,7 @@ load_hparams(const struct eng_gguf *g, struct eng_hparams *hp, char *arch_out, s
                 hp->head_dim, hp->n_rot);
         return -EBADMSG;
     }
-    if ((rc = get_fparam(g, arch, "rope.freq_base", 10000.0f, &hp->rope_theta, err, err_len)) <
-            0 ||
+    if ((rc = get_fparam(g, arch, "rope.freq_base", 10000.0f, &hp->rope_theta, err, err_len)) < 0 ||
         (rc = get_fparam(g, arch, "attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps, err,
                          err_len)) < 0)
         return rc;
@@ -204,22 +204,19 @@ load_layer(const struct eng_gguf *g, const struct eng_hparams *hp, int il, struc
     int kv_dim = hp->n_head_kv * hp->head_dim;
     int rc;
 #define NAME(suffix) (snprintf(name, sizeof(name), "blk.%d.%s", il, suffix), name)
-    if ((rc = get_vec(g, NAME("attn_norm.weight"), hp->n_embd, true, &l->attn_norm, err,
-                      err_len)) < 0 ||
-        (rc = get_matrix(g, NAME("attn_q.weight"), hp->n_embd, q_dim, &l->wq, err, err_len)) <
+    if ((rc = get_vec(g, NAME("attn_norm.weight"), hp->n_embd, true, &l->attn_norm, err, err_len)) <
             0 ||
-        (rc = get_matrix(g, NAME("attn_k.weight"), hp->n_embd, kv_dim, &l->wk, err, err_len)) <
+        (rc = get_matrix(g, NAME("attn_q.weight"), hp->n_embd, q_dim, &l->wq, err, err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("attn_k.weight"), hp->n_embd, kv_dim, &l->wk, err, err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("attn_v.weight"), hp->n_embd, kv_dim, &l->wv, err, err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("attn_output.weight"), q_dim, hp->n_embd, &l->wo, err, err_len)) <
             0 ||
-        (rc = get_matrix(g, NAME("attn_v.weight"), hp->n_embd, kv_dim, &l->wv, err, err_len)) <
+        (rc = get_vec(g, NAME("ffn_norm.weight"), hp->n_embd, true, &l->ffn_norm, err, err_len)) <
             0 ||
-        (rc = get_matrix(g, NAME("attn_output.weight"), q_dim, hp->n_embd, &l->wo, err,
-                         err_len)) < 0 ||
-        (rc = get_vec(g, NAME("ffn_norm.weight"), hp->n_embd, true, &l->ffn_norm, err,
-                      err_len)) < 0 ||
         (rc = get_matrix(g, NAME("ffn_gate.weight"), hp->n_embd, hp->n_ff, &l->w_gate, err,
                          err_len)) < 0 ||
-        (rc = get_matrix(g, NAME("ffn_up.weight"), hp->n_embd, hp->n_ff, &l->w_up, err,
-                         err_len)) < 0 ||
+        (rc = get_matrix(g, NAME("ffn_up.weight"), hp->n_embd, hp->n_ff, &l->w_up, err, err_len)) <
+            0 ||
         (rc = get_matrix(g, NAME("ffn_down.weight"), hp->n_ff, hp->n_embd, &l->w_down, err,
                          err_len)) < 0)
         return rc;
@@ -273,8 +270,8 @@ eng_model_load(const struct eng_gguf *g, struct eng_model **out, char *err, size
     }
     if ((rc = get_matrix(g, "token_embd.weight", hp->n_embd, hp->n_vocab, &m->tok_embd, err,
                          err_len)) < 0 ||
-        (rc = get_vec(g, "output_norm.weight", hp->n_embd, true, &m->output_norm, err,
-                      err_len)) < 0)
+        (rc = get_vec(g, "output_norm.weight", hp->n_embd, true, &m->output_norm, err, err_len)) <
+            0)
         goto fail;
     if (eng_gguf_find_tensor(g, "output.weight")) {
         if ((rc = get_matrix(g, "output.weight", hp->n_embd, hp->n_vocab, &m->output, err,
@@ -334,7 +331,7 @@ eng_model_weight_bytes(const struct eng_model *m)
     return n;
 }
 
-/* ---- KV cache ---- */
+/* ---- KV cache of one sequence ---- */
 
 int
 eng_kv_new(const struct eng_model *m, int n_ctx, struct eng_kv **out)
@@ -343,14 +340,14 @@ eng_kv_new(const struct eng_model *m, int n_ctx, struct eng_kv **out)
         return -EINVAL;
     struct eng_kv *kv = cm_xcalloc(1, sizeof(*kv));
     kv->n_ctx = n_ctx;
-    kv->n_layer = m->hp.n_layer;
-    kv->kv_dim = m->hp.n_head_kv * m->hp.head_dim;
-    size_t n = (size_t)kv->n_layer * (size_t)n_ctx * (size_t)kv->kv_dim;
-    kv->k = malloc(n * sizeof(float));
-    kv->v = malloc(n * sizeof(float));
-    if (!kv->k || !kv->v) {
-        eng_kv_free(kv);
-        return -ENOMEM;
+    kv->seq = cm_xcalloc(1, sizeof(*kv->seq));
+    eng_kv_seq_init(kv->seq);
+    int rc = eng_kv_pool_new(m->hp.n_layer, m->hp.n_head_kv * m->hp.head_dim,
+                             eng_kv_blocks_for(n_ctx), &kv->pool);
+    if (rc < 0) {
+        free(kv->seq);
+        free(kv);
+        return rc;
     }
     *out = kv;
     return 0;
@@ -361,8 +358,9 @@ eng_kv_free(struct eng_kv *kv)
 {
     if (!kv)
         return;
-    free(kv->k);
-    free(kv->v);
+    eng_kv_seq_fini(kv->pool, kv->seq);
+    eng_kv_pool_free(kv->pool);
+    free(kv->seq);
     free(kv);
 }
 
@@ -374,17 +372,23 @@ struct eng_fwd {
     int n_batch;
     int n_ctx;
     int n_threads;
-    float *x;     /* (n_batch, n_embd) residual stream */
-    float *xb;    /* (n_batch, n_embd) normed input of a block */
-    float *q;     /* (n_batch, n_head * head_dim) */
-    float *k;     /* (n_batch, kv_dim) */
-    float *v;     /* (n_batch, kv_dim) */
-    float *att;   /* (n_batch, n_head * head_dim) attention output */
-    float *tmp;   /* (n_batch, n_embd) output of wo / w_down */
-    float *hb;    /* (n_batch, n_ff) gate, then silu(gate) * up */
-    float *hb2;   /* (n_batch, n_ff) up */
-    float *rope;  /* (n_batch, n_rot / 2, 2) cos, sin */
-    float *score; /* (n_threads, n_group * n_ctx) attention scratch per thread */
+    float *x;              /* (n_batch, n_embd) residual stream */
+    float *xb;             /* (n_batch, n_embd) normed input of a block */
+    float *q;              /* (n_batch, n_head * head_dim) */
+    float *k;              /* (n_batch, kv_dim) */
+    float *v;              /* (n_batch, kv_dim) */
+    float *att;            /* (n_batch, n_head * head_dim) attention output */
+    float *tmp;            /* (n_batch, n_embd) output of wo / w_down */
+    float *hb;             /* (n_batch, n_ff) gate, then silu(gate) * up */
+    float *hb2;            /* (n_batch, n_ff) up */
+    float *rope;           /* (n_batch, n_rot / 2, 2) cos, sin */
+    float *score;          /* (n_threads, n_group * n_ctx) attention scratch per thread */
+    const float **blk_ptr; /* (n_threads, 2 * max_blocks) K and V block pointers per thread */
+    int max_blocks;
+    /* eng_forward's batch description: */
+    int32_t *pos;             /* (n_batch) */
+    struct eng_kv_seq **seqs; /* (n_batch) */
+    int32_t *logits_idx;      /* (n_batch) */
 };
 
 int
@@ -400,7 +404,8 @@ eng_fwd_new(const struct eng_model *m, struct kern_pool *pool, int n_batch, int 
     f->n_batch = n_batch;
     f->n_ctx = n_ctx;
     f->n_threads = kern_pool_n_threads(pool);
-    size_t nb = (size_t)n_batch;
+    f->max_blocks = eng_kv_blocks_for(n_ctx);
+    size_t nb = (size_t)n_batch, nt = (size_t)f->n_threads;
     size_t q_dim = (size_t)hp->n_head * (size_t)hp->head_dim;
     size_t kv_dim = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
     size_t n_group = (size_t)(hp->n_head / hp->n_head_kv);
@@ -414,9 +419,13 @@ eng_fwd_new(const struct eng_model *m, struct kern_pool *pool, int n_batch, int 
     f->hb = malloc(nb * (size_t)hp->n_ff * sizeof(float));
     f->hb2 = malloc(nb * (size_t)hp->n_ff * sizeof(float));
     f->rope = malloc(nb * (size_t)hp->n_rot * sizeof(float));
-    f->score = malloc((size_t)f->n_threads * n_group * (size_t)n_ctx * sizeof(float));
+    f->score = malloc(nt * n_group * (size_t)n_ctx * sizeof(float));
+    f->blk_ptr = malloc(nt * 2 * (size_t)f->max_blocks * sizeof(*f->blk_ptr));
+    f->pos = malloc(nb * sizeof(*f->pos));
+    f->seqs = malloc(nb * sizeof(*f->seqs));
+    f->logits_idx = malloc(nb * sizeof(*f->logits_idx));
     if (!f->x || !f->xb || !f->q || !f->k || !f->v || !f->att || !f->tmp || !f->hb || !f->hb2 ||
-        !f->rope || !f->score) {
+        !f->rope || !f->score || !f->blk_ptr || !f->pos || !f->seqs || !f->logits_idx) {
         eng_fwd_free(f);
         return -ENOMEM;
     }
@@ -440,15 +449,18 @@ eng_fwd_free(struct eng_fwd *f)
     free(f->hb2);
     free(f->rope);
     free(f->score);
+    free(f->blk_ptr);
+    free(f->pos);
+    free(f->seqs);
+    free(f->logits_idx);
     free(f);
 }
 
-/* A task over the rows of the current batch, split evenly across the pool. */
+/* A task over the tokens of the current batch, split evenly across the pool. */
 struct row_task {
     struct eng_fwd *f;
-    struct eng_kv *kv;
-    int n_tokens;
-    int pos0; /* position of the batch's first token */
+    struct eng_kv_pool *kv;
+    const struct eng_batch *b;
     int layer;
 };
 
@@ -468,7 +480,7 @@ task_attn_norm(void *ctx, int ith, int nth)
     const struct eng_hparams *hp = &t->f->m->hp;
     const float *w = t->f->m->layers[t->layer].attn_norm;
     int lo, hi;
-    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    split_range(t->b->n_tokens, ith, nth, &lo, &hi);
     for (int i = lo; i < hi; i++)
         kern_rmsnorm(t->f->xb + (size_t)i * hp->n_embd, t->f->x + (size_t)i * hp->n_embd, w,
                      hp->n_embd, hp->rms_eps);
@@ -498,7 +510,7 @@ add_bias(float *x, const float *b, int n)
         kern_add(x, b, n);
 }
 
-/* Biases, RoPE on q and k, then k and v appended to the cache. */
+/* Biases, RoPE on q and k, then k and v written to their sequence's cache block. */
 static void
 task_qkv_post(void *ctx, int ith, int nth)
 {
@@ -508,7 +520,7 @@ task_qkv_post(void *ctx, int ith, int nth)
     const struct eng_layer *l = &f->m->layers[t->layer];
     int q_dim = hp->n_head * hp->head_dim, kv_dim = hp->n_head_kv * hp->head_dim;
     int lo, hi;
-    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    split_range(t->b->n_tokens, ith, nth, &lo, &hi);
     for (int i = lo; i < hi; i++) {
         float *q = f->q + (size_t)i * q_dim;
         float *k = f->k + (size_t)i * kv_dim;
@@ -519,9 +531,11 @@ task_qkv_post(void *ctx, int ith, int nth)
         const float *cs = f->rope + (size_t)i * hp->n_rot;
         rope_rotate(q, cs, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_type);
         rope_rotate(k, cs, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_type);
-        size_t row = ((size_t)t->layer * t->kv->n_ctx + (size_t)(t->pos0 + i)) * kv_dim;
-        memcpy(t->kv->k + row, k, (size_t)kv_dim * sizeof(float));
-        memcpy(t->kv->v + row, v, (size_t)kv_dim * sizeof(float));
+        int pos = t->b->pos[i];
+        int32_t blk = t->b->seqs[i]->table[pos / ENG_KV_BLOCK];
+        size_t row = (size_t)(pos % ENG_KV_BLOCK) * kv_dim;
+        memcpy(eng_kv_k(t->kv, blk, t->layer) + row, k, (size_t)kv_dim * sizeof(float));
+        memcpy(eng_kv_v(t->kv, blk, t->layer) + row, v, (size_t)kv_dim * sizeof(float));
     }
 }
 
@@ -536,16 +550,21 @@ task_attention(void *ctx, int ith, int nth)
     int n_group = hp->n_head / hp->n_head_kv;
     float scale = 1.0f / sqrtf((float)hd);
     float *score = f->score + (size_t)ith * (size_t)n_group * (size_t)f->n_ctx;
-    const float *kl = t->kv->k + (size_t)t->layer * t->kv->n_ctx * kv_dim;
-    const float *vl = t->kv->v + (size_t)t->layer * t->kv->n_ctx * kv_dim;
+    const float **kb = f->blk_ptr + (size_t)ith * 2 * (size_t)f->max_blocks;
+    const float **vb = kb + f->max_blocks;
     int lo, hi;
-    split_range(t->n_tokens * hp->n_head_kv, ith, nth, &lo, &hi);
+    split_range(t->b->n_tokens * hp->n_head_kv, ith, nth, &lo, &hi);
     for (int item = lo; item < hi; item++) {
         int i = item / hp->n_head_kv, h = item % hp->n_head_kv;
-        int n_kv = t->pos0 + i + 1;
+        const struct eng_kv_seq *seq = t->b->seqs[i];
+        int n_kv = t->b->pos[i] + 1;
+        for (int j = 0; j < eng_kv_blocks_for(n_kv); j++) {
+            kb[j] = eng_kv_k(t->kv, seq->table[j], t->layer) + (size_t)h * hd;
+            vb[j] = eng_kv_v(t->kv, seq->table[j], t->layer) + (size_t)h * hd;
+        }
         size_t qo = (size_t)i * q_dim + (size_t)h * n_group * hd;
-        kern_attn_f32(f->att + qo, f->q + qo, kl + (size_t)h * hd, vl + (size_t)h * hd, n_kv,
-                      n_group, hd, (size_t)kv_dim, scale, score);
+        kern_attn_f32(f->att + qo, f->q + qo, kb, vb, ENG_KV_BLOCK, n_kv, n_group, hd,
+                      (size_t)kv_dim, scale, score);
     }
 }
 
@@ -557,7 +576,7 @@ task_attn_residual(void *ctx, int ith, int nth)
     const struct eng_hparams *hp = &t->f->m->hp;
     const float *w = t->f->m->layers[t->layer].ffn_norm;
     int lo, hi;
-    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    split_range(t->b->n_tokens, ith, nth, &lo, &hi);
     for (int i = lo; i < hi; i++) {
         float *x = t->f->x + (size_t)i * hp->n_embd;
         kern_add(x, t->f->tmp + (size_t)i * hp->n_embd, hp->n_embd);
@@ -571,7 +590,7 @@ task_swiglu(void *ctx, int ith, int nth)
     struct row_task *t = ctx;
     const struct eng_hparams *hp = &t->f->m->hp;
     int lo, hi;
-    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    split_range(t->b->n_tokens, ith, nth, &lo, &hi);
     for (int i = lo; i < hi; i++) {
         float *g = t->f->hb + (size_t)i * hp->n_ff;
         kern_swiglu(g, g, t->f->hb2 + (size_t)i * hp->n_ff, hp->n_ff);
@@ -584,70 +603,95 @@ task_ffn_residual(void *ctx, int ith, int nth)
     struct row_task *t = ctx;
     const struct eng_hparams *hp = &t->f->m->hp;
     int lo, hi;
-    split_range(t->n_tokens, ith, nth, &lo, &hi);
+    split_range(t->b->n_tokens, ith, nth, &lo, &hi);
     for (int i = lo; i < hi; i++)
-        kern_add(t->f->x + (size_t)i * hp->n_embd, t->f->tmp + (size_t)i * hp->n_embd,
-                 hp->n_embd);
+        kern_add(t->f->x + (size_t)i * hp->n_embd, t->f->tmp + (size_t)i * hp->n_embd, hp->n_embd);
 }
 
-/* Runs one chunk of at most n_batch tokens. */
+/* Embedding rows and RoPE angles of every token. */
 static int
-forward_chunk(struct eng_fwd *f, struct eng_kv *kv, const int32_t *tokens, int n_tokens,
-              float *logits, bool all_logits)
+embed(struct eng_fwd *f, const struct eng_batch *b)
 {
     const struct eng_model *m = f->m;
     const struct eng_hparams *hp = &m->hp;
-    int rc;
-    struct row_task t = {.f = f, .kv = kv, .n_tokens = n_tokens, .pos0 = kv->n_past};
-
-    for (int i = 0; i < n_tokens; i++) {
-        const uint8_t *row = (const uint8_t *)m->tok_embd.data +
-                             (size_t)tokens[i] * m->tok_embd.row_bytes;
-        rc = kern_dequant_row(m->tok_embd.type, row, f->x + (size_t)i * hp->n_embd, hp->n_embd);
+    for (int i = 0; i < b->n_tokens; i++) {
+        const uint8_t *row =
+            (const uint8_t *)m->tok_embd.data + (size_t)b->tokens[i] * m->tok_embd.row_bytes;
+        int rc = kern_dequant_row(m->tok_embd.type, row, f->x + (size_t)i * hp->n_embd, hp->n_embd);
         if (rc < 0)
             return rc;
-        int pos = kv->n_past + i;
         float *cs = f->rope + (size_t)i * hp->n_rot;
         for (int j = 0; j < hp->n_rot / 2; j++) {
             float freq = powf(hp->rope_theta, -2.0f * (float)j / (float)hp->n_rot);
-            float a = (float)pos * freq;
+            float a = (float)b->pos[i] * freq;
             cs[2 * j] = cosf(a);
             cs[2 * j + 1] = sinf(a);
         }
     }
+    return 0;
+}
+
+static int
+check_batch(const struct eng_fwd *f, const struct eng_batch *b)
+{
+    const struct eng_hparams *hp = &f->m->hp;
+    if (b->n_tokens < 1 || b->n_tokens > f->n_batch || b->n_logits < 0 || b->n_logits > b->n_tokens)
+        return -EINVAL;
+    for (int i = 0; i < b->n_tokens; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= hp->n_vocab || b->pos[i] < 0 ||
+            b->pos[i] >= f->n_ctx || !b->seqs[i] ||
+            b->seqs[i]->n_blocks < eng_kv_blocks_for(b->pos[i] + 1))
+            return -EINVAL;
+    }
+    for (int i = 0; i < b->n_logits; i++) {
+        if (b->logits_idx[i] < 0 || b->logits_idx[i] >= b->n_tokens)
+            return -EINVAL;
+    }
+    return 0;
+}
+
+int
+eng_forward_batch(struct eng_fwd *f, struct eng_kv_pool *kv, const struct eng_batch *b,
+                  float *logits)
+{
+    const struct eng_model *m = f->m;
+    const struct eng_hparams *hp = &m->hp;
+    int n = b->n_tokens;
+    int rc = check_batch(f, b);
+    if (rc < 0 || (rc = embed(f, b)) < 0)
+        return rc;
+    struct row_task t = {.f = f, .kv = kv, .b = b};
 
     for (int il = 0; il < hp->n_layer; il++) {
         const struct eng_layer *l = &m->layers[il];
         t.layer = il;
         kern_pool_run(f->pool, task_attn_norm, &t);
-        if ((rc = kern_matmul(f->pool, &l->wq, f->xb, n_tokens, f->q)) < 0 ||
-            (rc = kern_matmul(f->pool, &l->wk, f->xb, n_tokens, f->k)) < 0 ||
-            (rc = kern_matmul(f->pool, &l->wv, f->xb, n_tokens, f->v)) < 0)
+        if ((rc = kern_matmul(f->pool, &l->wq, f->xb, n, f->q)) < 0 ||
+            (rc = kern_matmul(f->pool, &l->wk, f->xb, n, f->k)) < 0 ||
+            (rc = kern_matmul(f->pool, &l->wv, f->xb, n, f->v)) < 0)
             return rc;
         kern_pool_run(f->pool, task_qkv_post, &t);
         kern_pool_run(f->pool, task_attention, &t);
-        if ((rc = kern_matmul(f->pool, &l->wo, f->att, n_tokens, f->tmp)) < 0)
+        if ((rc = kern_matmul(f->pool, &l->wo, f->att, n, f->tmp)) < 0)
             return rc;
         kern_pool_run(f->pool, task_attn_residual, &t);
-        if ((rc = kern_matmul(f->pool, &l->w_gate, f->xb, n_tokens, f->hb)) < 0 ||
-            (rc = kern_matmul(f->pool, &l->w_up, f->xb, n_tokens, f->hb2)) < 0)
+        if ((rc = kern_matmul(f->pool, &l->w_gate, f->xb, n, f->hb)) < 0 ||
+            (rc = kern_matmul(f->pool, &l->w_up, f->xb, n, f->hb2)) < 0)
             return rc;
         kern_pool_run(f->pool, task_swiglu, &t);
-        if ((rc = kern_matmul(f->pool, &l->w_down, f->hb, n_tokens, f->tmp)) < 0)
+        if ((rc = kern_matmul(f->pool, &l->w_down, f->hb, n, f->tmp)) < 0)
             return rc;
         kern_pool_run(f->pool, task_ffn_residual, &t);
     }
 
-    if (logits) {
-        int first = all_logits ? 0 : n_tokens - 1;
-        int n_out = n_tokens - first;
-        for (int i = first; i < n_tokens; i++)
-            kern_rmsnorm(f->xb + (size_t)(i - first) * hp->n_embd, f->x + (size_t)i * hp->n_embd,
-                         m->output_norm, hp->n_embd, hp->rms_eps);
-        if ((rc = kern_matmul(f->pool, &m->output, f->xb, n_out, logits)) < 0)
+    if (b->n_logits > 0) {
+        for (int j = 0; j < b->n_logits; j++)
+            kern_rmsnorm(f->xb + (size_t)j * hp->n_embd,
+                         f->x + (size_t)b->logits_idx[j] * hp->n_embd, m->output_norm, hp->n_embd,
+                         hp->rms_eps);
+        if ((rc = kern_matmul(f->pool, &m->output, f->xb, b->n_logits, logits)) < 0)
             return rc;
     }
-    kv->n_past += n_tokens;
     return 0;
 }
 
@@ -664,20 +708,43 @@ eng_forward(struct eng_fwd *f, struct eng_kv *kv, const int32_t *tokens, int n_t
     }
     if (n_tokens > kv->n_ctx - kv->n_past || kv->n_past + n_tokens > f->n_ctx)
         return -E2BIG;
+    int rc = eng_kv_seq_reserve(kv->pool, kv->seq, kv->n_past + n_tokens);
+    if (rc < 0)
+        return rc;
     int n_past0 = kv->n_past;
     for (int done = 0; done < n_tokens;) {
         int n = n_tokens - done < f->n_batch ? n_tokens - done : f->n_batch;
         bool last = done + n == n_tokens;
+        struct eng_batch b = {
+            .n_tokens = n,
+            .tokens = tokens + done,
+            .pos = f->pos,
+            .seqs = f->seqs,
+            .n_logits = 0,
+            .logits_idx = f->logits_idx,
+        };
+        for (int i = 0; i < n; i++) {
+            f->pos[i] = kv->n_past + i;
+            f->seqs[i] = kv->seq;
+        }
         float *out = NULL;
-        if (logits && all_logits)
+        if (logits && all_logits) {
+            for (int i = 0; i < n; i++)
+                f->logits_idx[i] = i;
+            b.n_logits = n;
             out = logits + (size_t)done * hp->n_vocab;
-        else if (logits && last)
+        } else if (logits && last) {
+            f->logits_idx[0] = n - 1;
+            b.n_logits = 1;
             out = logits;
-        int rc = forward_chunk(f, kv, tokens + done, n, out, all_logits);
-        if (rc < 0) {
+        }
+        if ((rc = eng_forward_batch(f, kv->pool, &b, out)) < 0) {
             kv->n_past = n_past0;
+            kv->seq->n_tokens = n_past0;
             return rc;
         }
+        kv->n_past += n;
+        kv->seq->n_tokens = kv->n_past;
         done += n;
     }
     return 0;

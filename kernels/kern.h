@@ -107,15 +107,19 @@ int kern_matmul_ref(const struct kern_matrix *w, const float *x, int n_tok, floa
 /* ---- Attention ---- */
 
 /*
- * Causal attention of a group of n_q query heads that share one KV head, over n_kv cached
- * positions: for each query head j, out[j*head_dim ..] = sum_p softmax_p(scale * q_j . k_p) v_p,
- * with k_p = k + p * stride and v_p = v + p * stride (floats). q and out hold n_q * head_dim floats
- * (head-major); scratch holds n_q * n_kv floats. Reentrant (one call per thread).
+ * Attention of a group of n_q query heads that share one KV head, over n_kv cached positions held
+ * in blocks of block_rows rows (the paged KV cache): position p's key is the row
+ * k_blocks[p / block_rows] + (p % block_rows) * stride (floats), its value likewise in v_blocks.
+ * For each query head j: out[j*head_dim ..] = sum_p softmax_p(scale * q_j . k_p) v_p.
+ * q and out hold n_q * head_dim floats (head-major); scratch holds n_q * n_kv floats.
+ * A contiguous cache is one block with block_rows >= n_kv. Reentrant (one call per thread).
  */
-void kern_attn_f32(float *out, const float *q, const float *k, const float *v, int n_kv, int n_q,
-                   int head_dim, size_t stride, float scale, float *scratch);
-void kern_attn_f32_ref(float *out, const float *q, const float *k, const float *v, int n_kv,
-                       int n_q, int head_dim, size_t stride, float scale, float *scratch);
+void kern_attn_f32(float *out, const float *q, const float *const *k_blocks,
+                   const float *const *v_blocks, int block_rows, int n_kv, int n_q, int head_dim,
+                   size_t stride, float scale, float *scratch);
+void kern_attn_f32_ref(float *out, const float *q, const float *const *k_blocks,
+                       const float *const *v_blocks, int block_rows, int n_kv, int n_q,
+                       int head_dim, size_t stride, float scale, float *scratch);
 
 /* ---- Element-wise ops (f32, one row each; reentrant) ---- */
 

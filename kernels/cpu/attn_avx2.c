@@ -20,8 +20,8 @@ exp256(__m256 x)
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     /* 2^n: n is in [-126, 0] here, so the exponent bits never underflow the biased range. */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-                                  23);
+    __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
@@ -35,10 +35,12 @@ hsum256(__m256 v)
 }
 
 void
-kern_attn_f32_avx2(float *out, const float *q, const float *k, const float *v, int n_kv, int n_q,
-                   int head_dim, size_t stride, float scale, float *scratch)
+kern_attn_f32_avx2(float *out, const float *q, const float *const *k_blocks,
+                   const float *const *v_blocks, int block_rows, int n_kv, int n_q, int head_dim,
+                   size_t stride, float scale, float *scratch)
 {
     int nv = head_dim / 8;
+    int r, blk;
     for (int j = 0; j < n_q; j++) {
         const float *qj = q + (size_t)j * head_dim;
         float *s = scratch + (size_t)j * n_kv;
@@ -46,8 +48,15 @@ kern_attn_f32_avx2(float *out, const float *q, const float *k, const float *v, i
         for (int c = 0; c < nv; c++)
             qv[c] = _mm256_mul_ps(_mm256_loadu_ps(qj + 8 * c), _mm256_set1_ps(scale));
         float mx = -INFINITY;
-        for (int p = 0; p < n_kv; p++) {
-            const float *kp = k + (size_t)p * stride;
+        const float *kb = k_blocks[0];
+        r = 0;
+        blk = 0;
+        for (int p = 0; p < n_kv; p++, r++) {
+            if (r == block_rows) {
+                kb = k_blocks[++blk];
+                r = 0;
+            }
+            const float *kp = kb + (size_t)r * stride;
             __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kp));
             for (int c = 1; c < nv; c++)
                 acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kp + 8 * c), acc);
@@ -71,8 +80,15 @@ kern_attn_f32_avx2(float *out, const float *q, const float *k, const float *v, i
         __m256 acc[32];
         for (int c = 0; c < nv; c++)
             acc[c] = _mm256_setzero_ps();
-        for (p = 0; p < n_kv; p++) {
-            const float *vp = v + (size_t)p * stride;
+        const float *vb = v_blocks[0];
+        r = 0;
+        blk = 0;
+        for (p = 0; p < n_kv; p++, r++) {
+            if (r == block_rows) {
+                vb = v_blocks[++blk];
+                r = 0;
+            }
+            const float *vp = vb + (size_t)r * stride;
             __m256 w = _mm256_set1_ps(s[p]);
             for (int c = 0; c < nv; c++)
                 acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * c), acc[c]);

@@ -24,10 +24,12 @@ exp512(__m512 x)
 }
 
 void
-kern_attn_f32_avx512(float *out, const float *q, const float *k, const float *v, int n_kv,
-                     int n_q, int head_dim, size_t stride, float scale, float *scratch)
+kern_attn_f32_avx512(float *out, const float *q, const float *const *k_blocks,
+                     const float *const *v_blocks, int block_rows, int n_kv, int n_q, int head_dim,
+                     size_t stride, float scale, float *scratch)
 {
     int nv = head_dim / 16;
+    int r, blk;
     for (int j = 0; j < n_q; j++) {
         const float *qj = q + (size_t)j * head_dim;
         float *s = scratch + (size_t)j * n_kv;
@@ -35,8 +37,15 @@ kern_attn_f32_avx512(float *out, const float *q, const float *k, const float *v,
         for (int c = 0; c < nv; c++)
             qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qj + 16 * c), _mm512_set1_ps(scale));
         float mx = -INFINITY;
-        for (int p = 0; p < n_kv; p++) {
-            const float *kp = k + (size_t)p * stride;
+        const float *kb = k_blocks[0];
+        r = 0;
+        blk = 0;
+        for (int p = 0; p < n_kv; p++, r++) {
+            if (r == block_rows) {
+                kb = k_blocks[++blk];
+                r = 0;
+            }
+            const float *kp = kb + (size_t)r * stride;
             __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
             for (int c = 1; c < nv; c++)
                 acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp + 16 * c), acc);
@@ -62,8 +71,15 @@ kern_attn_f32_avx512(float *out, const float *q, const float *k, const float *v,
         __m512 acc[16];
         for (int c = 0; c < nv; c++)
             acc[c] = _mm512_setzero_ps();
-        for (p = 0; p < n_kv; p++) {
-            const float *vp = v + (size_t)p * stride;
+        const float *vb = v_blocks[0];
+        r = 0;
+        blk = 0;
+        for (p = 0; p < n_kv; p++, r++) {
+            if (r == block_rows) {
+                vb = v_blocks[++blk];
+                r = 0;
+            }
+            const float *vp = vb + (size_t)r * stride;
             __m512 w = _mm512_set1_ps(s[p]);
             for (int c = 0; c < nv; c++)
                 acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp + 16 * c), acc[c]);

@@ -5,9 +5,11 @@
 
 #include <stddef.h>
 
-void kern_attn_f32_avx2(float *out, const float *q, const float *k, const float *v, int n_kv,
-                        int n_q, int head_dim, size_t stride, float scale, float *scratch);
-void kern_attn_f32_avx512(float *out, const float *q, const float *k, const float *v, int n_kv,
-                          int n_q, int head_dim, size_t stride, float scale, float *scratch);
+void kern_attn_f32_avx2(float *out, const float *q, const float *const *k_blocks,
+                        const float *const *v_blocks, int block_rows, int n_kv, int n_q,
+                        int head_dim, size_t stride, float scale, float *scratch);
+void kern_attn_f32_avx512(float *out, const float *q, const float *const *k_blocks,
+                          const float *const *v_blocks, int block_rows, int n_kv, int n_q,
+                          int head_dim, size_t stride, float scale, float *scratch);
 
 #endif

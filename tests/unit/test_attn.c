@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <cmocka.h>
 
@@ -23,7 +24,7 @@ struct attn_case {
 };
 
 static const struct attn_case cases[] = {
-    {1, 1, 64, 64},  {7, 3, 64, 192}, {16, 3, 64, 192}, {17, 4, 128, 256},
+    {1, 1, 64, 64},   {7, 3, 64, 192},  {16, 3, 64, 192}, {17, 4, 128, 256},
     {100, 3, 64, 64}, {513, 2, 32, 96}, {33, 1, 48, 48},
 };
 
@@ -76,10 +77,34 @@ run_case(const struct attn_case *c, enum kern_isa isa, float qscale)
     fill(v, kv_n, 1.0f, &s);
     float scale = 1.0f / sqrtf((float)c->head_dim);
 
-    kern_attn_f32_ref(ref, q, k, v, c->n_kv, c->n_q, c->head_dim, (size_t)c->stride, scale,
-                      scratch);
+    /* The reference reads one contiguous block; the kernel under test reads the same rows copied
+     * into 16-row blocks stored in reverse order (as a paged cache scatters them). */
+    const float *k1[1] = {k}, *v1[1] = {v};
+    kern_attn_f32_ref(ref, q, k1, v1, c->n_kv, c->n_kv, c->n_q, c->head_dim, (size_t)c->stride,
+                      scale, scratch);
+    int n_blk = (c->n_kv + 15) / 16;
+    size_t blk_floats = 16 * (size_t)c->stride;
+    float *kpaged = calloc((size_t)n_blk * blk_floats, sizeof(float));
+    float *vpaged = calloc((size_t)n_blk * blk_floats, sizeof(float));
+    const float **kb = calloc((size_t)n_blk, sizeof(*kb)),
+                **vb = calloc((size_t)n_blk, sizeof(*vb));
+    for (int b = 0; b < n_blk; b++) {
+        int slot = n_blk - 1 - b;
+        int rows = c->n_kv - b * 16 < 16 ? c->n_kv - b * 16 : 16;
+        memcpy(kpaged + slot * blk_floats, k + (size_t)b * blk_floats,
+               rows * c->stride * sizeof(float));
+        memcpy(vpaged + slot * blk_floats, v + (size_t)b * blk_floats,
+               rows * c->stride * sizeof(float));
+        kb[b] = kpaged + slot * blk_floats;
+        vb[b] = vpaged + slot * blk_floats;
+    }
     assert_int_equal(kern_cpu_set_isa(isa), 0);
-    kern_attn_f32(out, q, k, v, c->n_kv, c->n_q, c->head_dim, (size_t)c->stride, scale, scratch);
+    kern_attn_f32(out, q, kb, vb, 16, c->n_kv, c->n_q, c->head_dim, (size_t)c->stride, scale,
+                  scratch);
+    free(kpaged);
+    free(vpaged);
+    free(kb);
+    free(vb);
     for (int j = 0; j < c->n_q; j++) {
         attn_double(exact, q + (size_t)j * c->head_dim, k, v, c->n_kv, c->head_dim, c->stride,
                     scale);
@@ -142,7 +167,8 @@ test_attn_single_position_is_value(void **state)
     fill(q, 64, 5.0f, &s);
     fill(k, 64, 1.0f, &s);
     fill(v, 64, 1.0f, &s);
-    kern_attn_f32(out, q, k, v, 1, 1, 64, 64, 0.125f, scratch);
+    const float *kb[1] = {k}, *vb[1] = {v};
+    kern_attn_f32(out, q, kb, vb, 16, 1, 1, 64, 64, 0.125f, scratch);
     for (int d = 0; d < 64; d++)
         assert_true(fabsf(out[d] - v[d]) < 1e-6f);
 }

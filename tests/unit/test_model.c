@@ -1,5 +1,6 @@
 /* The forward pass on the tiny generated models ($BUILD/tests/models/tiny-<type>.gguf): chunked
- * prefill, batched prefill and token-by-token decode agree; bad input leaves the cache as it was. */
+ * prefill, batched prefill and token-by-token decode agree; bad input leaves the cache as it was.
+ */
 #include <errno.h>
 #include <math.h>
 #include <stdbool.h>
@@ -13,6 +14,7 @@
 #include <cmocka.h>
 
 #include "engine/gguf.h"
+#include "engine/kv.h"
 #include "engine/model.h"
 #include "kernels/kern.h"
 
@@ -216,6 +218,110 @@ test_model_weight_bytes_counts_every_matrix(void **state)
     assert_int_equal(eng_model_weight_bytes(fx->m), expect);
 }
 
+/* Logits of the last token of toks[0..n) computed for one sequence alone, token by token after
+ * the prompt. */
+static void
+alone(struct fixture *fx, const int32_t *toks, int n_prompt, int n_total, float *out_rows)
+{
+    struct eng_fwd *f = NULL;
+    struct eng_kv *kv = NULL;
+    int n_vocab = fx->m->hp.n_vocab;
+    assert_int_equal(eng_fwd_new(fx->m, fx->pool, 64, 64, &f), 0);
+    assert_int_equal(eng_kv_new(fx->m, 64, &kv), 0);
+    assert_int_equal(eng_forward(f, kv, toks, n_prompt, out_rows, false), 0);
+    for (int i = n_prompt; i < n_total; i++)
+        assert_int_equal(
+            eng_forward(f, kv, &toks[i], 1, out_rows + (size_t)(i - n_prompt + 1) * n_vocab, false),
+            0);
+    eng_kv_free(kv);
+    eng_fwd_free(f);
+}
+
+/* Two sequences prefilled in one batch and then decoded together (one token each per step), in
+ * a shared pool whose blocks they take alternately, give the logits each gives alone. */
+static void
+test_model_batch_of_sequences_matches_alone(void **state)
+{
+    struct fixture *fx = *state;
+    int n_vocab = fx->m->hp.n_vocab;
+    enum { NA = 21, NB = 9, STEPS = 6 };
+    int32_t ta[NA + STEPS], tb[NB + STEPS];
+    make_tokens(fx->m, ta, NA + STEPS);
+    for (int i = 0; i < NB + STEPS; i++)
+        tb[i] = (int32_t)((i * 131 + 5) % n_vocab);
+    float *ra = malloc((size_t)(STEPS + 1) * n_vocab * sizeof(float));
+    float *rb = malloc((size_t)(STEPS + 1) * n_vocab * sizeof(float));
+    alone(fx, ta, NA, NA + STEPS, ra);
+    alone(fx, tb, NB, NB + STEPS, rb);
+
+    struct eng_kv_pool *pool = NULL;
+    struct eng_fwd *f = NULL;
+    assert_int_equal(
+        eng_kv_pool_new(fx->m->hp.n_layer, fx->m->hp.n_head_kv * fx->m->hp.head_dim, 16, &pool), 0);
+    assert_int_equal(eng_fwd_new(fx->m, fx->pool, 64, 64, &f), 0);
+    struct eng_kv_seq sa, sb;
+    eng_kv_seq_init(&sa);
+    eng_kv_seq_init(&sb);
+    int32_t toks[NA + NB], pos[NA + NB], idx[2];
+    struct eng_kv_seq *seqs[NA + NB];
+    float *logits = malloc(2 * (size_t)n_vocab * sizeof(float));
+    /* Step 0: both prompts, B's tokens first; logits for each prompt's last token. */
+    for (int i = 0; i < NB; i++) {
+        toks[i] = tb[i];
+        pos[i] = i;
+        seqs[i] = &sb;
+    }
+    for (int i = 0; i < NA; i++) {
+        toks[NB + i] = ta[i];
+        pos[NB + i] = i;
+        seqs[NB + i] = &sa;
+    }
+    assert_int_equal(eng_kv_seq_reserve(pool, &sb, NB), 0);
+    assert_int_equal(eng_kv_seq_reserve(pool, &sa, NA), 0);
+    idx[0] = NB + NA - 1;
+    idx[1] = NB - 1;
+    struct eng_batch b = {.n_tokens = NA + NB,
+                          .tokens = toks,
+                          .pos = pos,
+                          .seqs = seqs,
+                          .n_logits = 2,
+                          .logits_idx = idx};
+    for (int step = 0; step <= STEPS; step++) {
+        if (step > 0) {
+            /* One decode token each. */
+            toks[0] = ta[NA + step - 1];
+            pos[0] = NA + step - 1;
+            seqs[0] = &sa;
+            toks[1] = tb[NB + step - 1];
+            pos[1] = NB + step - 1;
+            seqs[1] = &sb;
+            assert_int_equal(eng_kv_seq_reserve(pool, &sa, pos[0] + 1), 0);
+            assert_int_equal(eng_kv_seq_reserve(pool, &sb, pos[1] + 1), 0);
+            b.n_tokens = 2;
+            idx[0] = 0;
+            idx[1] = 1;
+        }
+        assert_int_equal(eng_forward_batch(f, pool, &b, logits), 0);
+        assert_true(max_rel_err(logits, ra + (size_t)step * n_vocab, 1, n_vocab) < fx->tol);
+        assert_true(max_rel_err(logits + n_vocab, rb + (size_t)step * n_vocab, 1, n_vocab) <
+                    fx->tol);
+        assert_true(same_argmax(logits, ra + (size_t)step * n_vocab, 1, n_vocab));
+    }
+    /* A token whose position has no block is refused. */
+    pos[0] = (sa.n_blocks) * ENG_KV_BLOCK;
+    b.n_tokens = 1;
+    b.n_logits = 0;
+    assert_int_equal(eng_forward_batch(f, pool, &b, NULL), -EINVAL);
+    eng_kv_seq_fini(pool, &sa);
+    eng_kv_seq_fini(pool, &sb);
+    assert_int_equal(eng_kv_pool_n_free(pool), 16);
+    eng_kv_pool_free(pool);
+    eng_fwd_free(f);
+    free(logits);
+    free(ra);
+    free(rb);
+}
+
 int
 main(void)
 {
@@ -226,6 +332,10 @@ main(void)
         cmocka_unit_test_setup_teardown(test_model_chunked_prefill_matches_one_batch, setup_f32,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_model_decode_matches_prefill, setup_f32, teardown),
+        cmocka_unit_test_setup_teardown(test_model_batch_of_sequences_matches_alone, setup_q4_1,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_model_batch_of_sequences_matches_alone, setup_f32,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_model_bad_token_leaves_cache, setup_q4_1, teardown),
         cmocka_unit_test_setup_teardown(test_model_weight_bytes_counts_every_matrix, setup_q4_1,
                                         teardown),

@@ -831,6 +831,8 @@ run_batch(struct eng_sched *s)
         .logits_idx = s->b_logits_idx,
     };
     int rc = s->model.forward(s->model.ctx, s->kv, &b, s->logits);
+    if (s->model.now)
+        s->now = s->model.now(s->model.ctx);
     s->st.ticks++;
     s->st.batch_tokens += (uint64_t)s->bn_tokens;
     if (rc < 0) {

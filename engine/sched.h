@@ -71,6 +71,10 @@ struct eng_sched_model {
     int n_ctx; /* positions a sequence may use: prompt + generated <= n_ctx */
     int (*forward)(void *ctx, struct eng_kv_pool *kv, const struct eng_batch *b, float *logits);
     bool (*is_eog)(void *ctx, int32_t id);
+    /* Optional clock read after each forward pass, so that the tokens it produced are stamped
+     * with the time they exist (TTFT and inter-token latency include the compute); NULL: the
+     * step's now_ns. */
+    uint64_t (*now)(void *ctx);
 };
 
 enum eng_sched_finish {

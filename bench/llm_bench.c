@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +19,7 @@
 
 #include "common/cm_util.h"
 #include "engine/gguf.h"
+#include "engine/kv.h"
 #include "engine/model.h"
 #include "kernels/kern.h"
 
@@ -148,6 +150,73 @@ json_str(FILE *f, const char *s)
     }
 }
 
+/*
+ * Batched decode: n_seqs sequences, each with a prompt of n_prompt random tokens prefilled first
+ * (not timed), then n_steps forward passes of one token per sequence, all sequences in one batch.
+ * Returns the aggregate generated tokens per second.
+ */
+static double
+run_batched(const struct eng_model *m, struct kern_pool *pool, int n_seqs, int n_prompt,
+            int n_steps)
+{
+    const struct eng_hparams *hp = &m->hp;
+    int n_ctx = n_prompt + n_steps + 1;
+    int n_batch = n_prompt > n_seqs ? n_prompt : n_seqs;
+    struct eng_fwd *fwd = NULL;
+    struct eng_kv_pool *kv = NULL;
+    double tps = 0;
+    int blocks = n_seqs * eng_kv_blocks_for(n_ctx);
+    struct eng_kv_seq *seqs = cm_xcalloc((size_t)n_seqs, sizeof(*seqs));
+    struct eng_kv_seq **bseqs = cm_xcalloc((size_t)n_batch, sizeof(*bseqs));
+    int32_t *toks = cm_xcalloc((size_t)n_batch, sizeof(*toks));
+    int32_t *pos = cm_xcalloc((size_t)n_batch, sizeof(*pos));
+    int32_t *idx = cm_xcalloc((size_t)n_batch, sizeof(*idx));
+    float *logits = malloc((size_t)n_seqs * (size_t)hp->n_vocab * sizeof(float));
+    if (!logits || eng_fwd_new(m, pool, n_batch, n_ctx, &fwd) < 0 ||
+        eng_kv_pool_new(hp->n_layer, hp->n_head_kv * hp->head_dim, blocks, &kv) < 0)
+        goto out;
+    uint64_t rng = 0x5eed;
+    for (int s = 0; s < n_seqs; s++) {
+        eng_kv_seq_init(&seqs[s]);
+        if (eng_kv_seq_reserve(kv, &seqs[s], n_ctx) < 0)
+            goto out;
+        for (int i = 0; i < n_prompt; i++) {
+            toks[i] = (int32_t)(next_rand(&rng) % (uint64_t)hp->n_vocab);
+            pos[i] = i;
+            bseqs[i] = &seqs[s];
+        }
+        idx[0] = n_prompt - 1;
+        struct eng_batch b = {n_prompt, toks, pos, bseqs, 1, idx};
+        if (eng_forward_batch(fwd, kv, &b, logits) < 0)
+            goto out;
+    }
+    uint64_t t0 = cm_now_ns();
+    for (int step = 0; step < n_steps; step++) {
+        for (int s = 0; s < n_seqs; s++) {
+            toks[s] = (int32_t)(next_rand(&rng) % (uint64_t)hp->n_vocab);
+            pos[s] = n_prompt + step;
+            bseqs[s] = &seqs[s];
+            idx[s] = s;
+        }
+        struct eng_batch b = {n_seqs, toks, pos, bseqs, n_seqs, idx};
+        if (eng_forward_batch(fwd, kv, &b, logits) < 0)
+            goto out;
+    }
+    tps = (double)n_seqs * n_steps / ((double)(cm_now_ns() - t0) / 1e9);
+out:
+    for (int s = 0; s < n_seqs && kv; s++)
+        eng_kv_seq_fini(kv, &seqs[s]);
+    eng_kv_pool_free(kv);
+    eng_fwd_free(fwd);
+    free(seqs);
+    free(bseqs);
+    free(toks);
+    free(pos);
+    free(idx);
+    free(logits);
+    return tps;
+}
+
 static void
 usage(FILE *f)
 {
@@ -160,35 +229,67 @@ usage(FILE *f)
                "      --reps N       repetitions; the median is reported (default 3)\n"
                "      --bw-mb MB     buffer for the bandwidth test (default 1024)\n"
                "      --json FILE    append the results as one JSON line\n"
-               "      --label TEXT   a label stored in the JSON line (e.g. the git commit)\n");
+               "      --label TEXT   a label stored in the JSON line (e.g. the git commit)\n"
+               "      --batched      also aggregate decode tok/s of 1..32 sequences at once\n"
+               "                     (128-token prompts, 64 decode steps)\n");
 }
 
 int
 main(int argc, char **argv)
 {
     static const struct option longopts[] = {
-        {"model", required_argument, 0, 'm'}, {"threads", required_argument, 0, 't'},
-        {"pp", required_argument, 0, 'p'},    {"tg", required_argument, 0, 'g'},
-        {"reps", required_argument, 0, 'r'},  {"bw-mb", required_argument, 0, 'b'},
-        {"json", required_argument, 0, 'j'},  {"label", required_argument, 0, 'l'},
-        {"help", no_argument, 0, 'h'},        {0, 0, 0, 0},
+        {"model", required_argument, 0, 'm'},
+        {"threads", required_argument, 0, 't'},
+        {"pp", required_argument, 0, 'p'},
+        {"tg", required_argument, 0, 'g'},
+        {"reps", required_argument, 0, 'r'},
+        {"bw-mb", required_argument, 0, 'b'},
+        {"json", required_argument, 0, 'j'},
+        {"label", required_argument, 0, 'l'},
+        {"batched", no_argument, 0, 'B'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     const char *model = NULL, *json = NULL, *label = "";
+    bool batched = false;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = ncpu > 0 ? (int)ncpu : 1, n_pp = 512, n_tg = 128, reps = 3, bw_mb = 1024;
     int c;
     while ((c = getopt_long(argc, argv, "m:t:h", longopts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 't': n_threads = atoi(optarg); break;
-        case 'p': n_pp = atoi(optarg); break;
-        case 'g': n_tg = atoi(optarg); break;
-        case 'r': reps = atoi(optarg); break;
-        case 'b': bw_mb = atoi(optarg); break;
-        case 'j': json = optarg; break;
-        case 'l': label = optarg; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'm':
+            model = optarg;
+            break;
+        case 't':
+            n_threads = atoi(optarg);
+            break;
+        case 'p':
+            n_pp = atoi(optarg);
+            break;
+        case 'g':
+            n_tg = atoi(optarg);
+            break;
+        case 'r':
+            reps = atoi(optarg);
+            break;
+        case 'b':
+            bw_mb = atoi(optarg);
+            break;
+        case 'j':
+            json = optarg;
+            break;
+        case 'l':
+            label = optarg;
+            break;
+        case 'B':
+            batched = true;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (!model || n_threads < 1 || n_pp < 1 || n_tg < 1 || reps < 1 || reps > 100 || bw_mb < 64) {
@@ -236,8 +337,16 @@ main(int argc, char **argv)
            (double)wbytes / (1 << 20), n_threads, kern_isa_name(kern_cpu_isa()));
     printf("memory read bandwidth: %.1f GB/s\n", bw_med);
     printf("pp%d: %.1f tok/s\n", n_pp, pp_med);
-    printf("tg%d: %.1f tok/s (bandwidth floor %.1f tok/s: %.0f%% of it)\n", n_tg, tg_med,
-           floor_tps, 100.0 * tg_med / floor_tps);
+    printf("tg%d: %.1f tok/s (bandwidth floor %.1f tok/s: %.0f%% of it)\n", n_tg, tg_med, floor_tps,
+           100.0 * tg_med / floor_tps);
+    static const int batch_sizes[] = {1, 2, 4, 8, 16, 32};
+    double agg[6] = {0};
+    if (batched) {
+        for (int i = 0; i < 6; i++) {
+            agg[i] = run_batched(m, pool, batch_sizes[i], 128, 64);
+            printf("batched decode B=%d: %.1f tok/s aggregate\n", batch_sizes[i], agg[i]);
+        }
+    }
     if (json) {
         FILE *f = fopen(json, "a");
         if (!f) {
@@ -254,10 +363,12 @@ main(int argc, char **argv)
             fprintf(f,
                     "\",\"threads\":%d,\"isa\":\"%s\",\"bandwidth_gbs\":%.2f,\"pp\":%d,"
                     "\"pp_tps\":%.2f,\"tg\":%d,\"tg_tps\":%.2f,\"weight_bytes\":%zu,"
-                    "\"tg_floor_fraction\":%.4f}\n",
-                    n_threads,
-                    kern_isa_name(kern_cpu_isa()), bw_med, n_pp, pp_med, n_tg, tg_med, wbytes,
-                    tg_med / floor_tps);
+                    "\"tg_floor_fraction\":%.4f",
+                    n_threads, kern_isa_name(kern_cpu_isa()), bw_med, n_pp, pp_med, n_tg, tg_med,
+                    wbytes, tg_med / floor_tps);
+            for (int i = 0; batched && i < 6; i++)
+                fprintf(f, ",\"batched_b%d_tps\":%.2f", batch_sizes[i], agg[i]);
+            fprintf(f, "}\n");
             fclose(f);
         }
     }

@@ -238,6 +238,7 @@ parse_args(int argc, char **argv, struct opts *o)
 struct live_req {
     uint64_t req_id;
     uint64_t seq_id;
+    bool logprobs; /* the request asked for logprobs: TOKEN frames carry them */
 };
 
 struct conn {
@@ -420,7 +421,8 @@ on_token(void *ctx, void *owner, uint64_t req_id, uint64_t seq_id, const struct 
     m.text_len = (uint32_t)len;
     if (len == 0 && eng_tok_piece(e->tok, tok->id, true, &piece) > 0)
         m.flags |= CM_WIRE_TOKEN_SPECIAL;
-    if (tok->n_top > 0 || tok->logprob != 0) {
+    int li = live_find(c, req_id);
+    if (li >= 0 && c->live[li].logprobs) {
         m.flags |= CM_WIRE_TOKEN_LOGPROB;
         m.logprob = tok->logprob;
         m.n_top = (uint32_t)tok->n_top;
@@ -656,7 +658,8 @@ handle_submit(struct engine *e, struct conn *c, const struct cm_wire_frame *f, u
             c->cap_live = c->cap_live ? 2 * c->cap_live : 4;
             c->live = cm_xrealloc(c->live, (size_t)c->cap_live * sizeof(*c->live));
         }
-        c->live[c->n_live++] = (struct live_req){.req_id = f->req_id, .seq_id = seq_id};
+        c->live[c->n_live++] =
+            (struct live_req){.req_id = f->req_id, .seq_id = seq_id, .logprobs = sub.logprobs};
         if (c->paused)
             eng_sched_pause(e->sched, seq_id, true);
         CM_LOG(CM_LOG_DEBUG, "submit req=%llu seq=%llu prompt_tokens=%d max_tokens=%u",

@@ -16,11 +16,14 @@
  * have their own kernels that read whole block groups in place ("Small-batch kernels for Q4_0,
  * Q4_1 and Q8_0" below) and prefetch ahead of the hardware prefetchers.
  *
- * Large batches (rows_batch_*): 32 rows at a time are converted to canonical form and interleaved
- * so that a zmm holds the same 4 elements of 16 rows; the activations' 4-byte groups are then
- * broadcast, and one vpdpbusd does 16 rows x 4 elements. Per unit and token the integer sums
- * start from the unit's correction corr, and are scaled once: 8 (unit 32) vpdpbusd per
- * cvt + mul + fma. Weights are read once per call and reused from L1/L2 for every token tile.
+ * Large batches (rows_batch_*, from batch_min = 5 tokens, so batched decode too): 32 rows at a
+ * time are converted to canonical form and interleaved so that a zmm holds the same 4 elements of
+ * 16 rows; the activations' 4-byte groups are then broadcast, and one vpdpbusd does 16 rows x 4
+ * elements. Per unit and token the integer sums start from the unit's correction corr, and are
+ * scaled once: 8 (unit 32) vpdpbusd per cvt + mul + fma, and the outputs of 16 rows come out in
+ * one vector (no horizontal sums). Weights are read once per call and reused from L1/L2 for every
+ * token tile. Q4_0, Q4_1 and Q8_0 build the tile straight from their blocks (4x4 dword transposes
+ * in registers, the next tile prefetched to L2), cheap enough to pay off from 5 tokens.
  *
  * Float weights: tiles of 4 rows (converted to f32) x 4 tokens of f32 FMAs.
  */
@@ -422,6 +425,9 @@ rows_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
 
 #define BT_ROWS 32 /* rows per interleaved tile: two zmm of 16 rows */
 #define BT_TOK 4   /* tokens per register tile */
+#ifndef BATCH_MIN
+#define BATCH_MIN 5 /* from here the batch kernel beats 4-token tiles (kbench, bench/NOTES.md) */
+#endif
 
 /* An interleaved tile of 32 rows: q[g] holds, for dword k of the row, 16 rows x 4 bytes at
  * q[g] + 64 k; d[g] and m[g] hold 16 rows per unit. */
@@ -617,6 +623,122 @@ build_tile(int kt, const struct kern_matrix *w, int64_t r, int nr, const struct 
     }
 }
 
+#ifndef PF_HINT
+/* To L2: a tile ahead does not fit in L1 beside the tile being built (T0 measured 1.5x slower). */
+#define PF_HINT _MM_HINT_T1
+#endif
+
+/* Transposes 4 vectors of 4 rows x 4 dwords (z[a], 128-bit lane L: row a + 4L) into 4 vectors of
+ * 16 rows (o[j], lane l: dword j of row l). */
+AI void
+transpose4x4x4(const __m512i z[4], __m512i o[4])
+{
+    __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    o[0] = _mm512_unpacklo_epi64(t0, t2);
+    o[1] = _mm512_unpackhi_epi64(t0, t2);
+    o[2] = _mm512_unpacklo_epi64(t1, t3);
+    o[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+/* The 16 bytes at offset off of rows p, p + ld, p + 2 ld, p + 3 ld (in 128-bit lanes 0..3). */
+AI __m512i
+load_rows4(const uint8_t *p, int64_t ld, int64_t off)
+{
+    __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + off)));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p + ld + off)), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p + 2 * ld + off)), 2);
+    return _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p + 3 * ld + off)), 3);
+}
+
+/*
+ * One group of 16 rows (row l at p0 + l * rb) of Q4_0 / Q4_1 / Q8_0 blocks to interleaved form: the
+ * quant bytes are transposed in registers by 4x4 dword blocks, the fp16 scale words first collected
+ * with scalar loads into sdm (nb * 16 dwords; vpgatherdd is far slower on Zen 4). pf: the slice of
+ * the next tile to prefetch per block, pf_step bytes, up to pf_end.
+ */
+AI void
+build_group(int kt, const uint8_t *p0, int64_t rb, int64_t nb, uint8_t *q, float *d, float *m,
+            uint32_t *sdm, const uint8_t *pf, int64_t pf_step, const uint8_t *pf_end)
+{
+    const int bs = kt_bs(kt), qoff = kt == KT_Q4_1 ? 4 : 2;
+    const __m512i m0f = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char)0x80);
+    for (int l = 0; l < 16; l++) {
+        const uint8_t *pr = p0 + l * rb;
+        for (int64_t b = 0; b < nb; b++)
+            sdm[16 * b + l] = ld32(pr + b * bs);
+    }
+    const int64_t rb4 = 4 * rb;
+    for (int64_t b = 0; b < nb; b++, pf += pf_step) {
+        for (int64_t l = 0; l < pf_step; l += 64)
+            if (pf + l < pf_end)
+                _mm_prefetch((const char *)(pf + l), PF_HINT);
+        __m512i sc = _mm512_load_si512((const void *)(sdm + 16 * b));
+        _mm512_store_ps(d + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc)));
+        if (kt == KT_Q4_1)
+            _mm512_store_ps(m + 16 * b,
+                            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(sc, 16))));
+        const uint8_t *pb = p0 + b * bs + qoff;
+        __m512i z[4], o[4];
+        if (kt == KT_Q8_0) {
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+#pragma GCC unroll 4
+                for (int a = 0; a < 4; a++)
+                    z[a] = load_rows4(pb + a * rb, rb4, 16 * h);
+                transpose4x4x4(z, o);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+                    _mm512_store_si512((void *)(q + 64 * (8 * b + 4 * h + j)),
+                                       _mm512_xor_si512(o[j], x80));
+            }
+            continue;
+        }
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++)
+            z[a] = load_rows4(pb + a * rb, rb4, 0);
+        transpose4x4x4(z, o);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            _mm512_store_si512((void *)(q + 64 * (8 * b + j)), _mm512_and_si512(o[j], m0f));
+            _mm512_store_si512((void *)(q + 64 * (8 * b + 4 + j)),
+                               _mm512_and_si512(_mm512_srli_epi16(o[j], 4), m0f));
+        }
+    }
+}
+
+/* Builds an interleaved tile straight from Q4_0 / Q4_1 / Q8_0 blocks. A group with fewer than 16
+ * rows is first copied to pad (16 rows, the missing ones zero: their lanes are never stored).
+ * tmp: 64 * nb bytes. */
+AI void
+build_tile_blocks(int kt, const struct kern_matrix *w, int64_t r, int nr, const struct itile *it,
+                  uint8_t *pad, uint32_t *tmp)
+{
+    const int64_t nb = w->n_in / 32, rb = (int64_t)w->row_bytes;
+    /* The next tile of rows (contiguous after this one), a slice per block step: 16 rows
+     * advancing together are more streams than the hardware prefetchers follow. */
+    const uint8_t *pf = (const uint8_t *)w->data + (r + BT_ROWS) * rb;
+    const int64_t pf_step = (BT_ROWS * rb / (2 * nb) + 63) & ~(int64_t)63;
+    const uint8_t *pf_end = (const uint8_t *)w->data + w->n_out * rb;
+#pragma GCC unroll 1
+    for (int g = 0; g < 2; g++) {
+        const uint8_t *p0 = (const uint8_t *)w->data + (r + 16 * g) * rb;
+        int n = nr - 16 * g;
+        if (n <= 0) {
+            memset(it->d[g], 0, sizeof(float) * 16 * (size_t)nb);
+            memset(it->m[g], 0, sizeof(float) * 16 * (size_t)nb);
+            continue;
+        }
+        if (n < 16) {
+            memcpy(pad, p0, (size_t)(n * rb));
+            memset(pad + n * rb, 0, (size_t)((16 - n) * rb));
+            p0 = pad;
+        }
+        build_group(kt, p0, rb, nb, it->q[g], it->d[g], it->m[g], tmp, pf + g * nb * pf_step,
+                    pf_step, pf_end);
+    }
+}
+
 AI void
 rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)
 {
@@ -635,7 +757,11 @@ rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,
     }
     for (int64_t r = r0; r < r1; r += BT_ROWS) {
         int nr = (int)(r1 - r < BT_ROWS ? r1 - r : BT_ROWS);
-        build_tile(kt, mm->w, r, nr, &it, p);
+        if (kt == KT_Q4_0 || kt == KT_Q4_1 || kt == KT_Q8_0)
+            build_tile_blocks(kt, mm->w, r, nr, &it, p,
+                              (uint32_t *)(p + ((16 * mm->w->row_bytes + 63) & ~(size_t)63)));
+        else
+            build_tile(kt, mm->w, r, nr, &it, p);
         if (kt_unit(kt) == 16)
             batch_tiles_u16_off(&it, mm, r, nr);
         else if (kt_has_min(kt))
@@ -1134,6 +1260,6 @@ const struct kern_cpu_isa_ops kern_cpu_isa_avx512 = {
     .isa = KERN_ISA_AVX512,
     .types = avx512_types,
     .act_quant = act_quant,
-    .batch_min = 6,
+    .batch_min = BATCH_MIN,
     .row_align = BT_ROWS,
 };

@@ -448,6 +448,24 @@ test_kernels_matmul_batched_vs_ref(void **state)
     kern_pool_free(pool);
 }
 
+/* Every batch size of batched decode (2..33) on the common types, with row counts that leave a
+ * partial last tile: 53 rows (a tile of 32, then 16 + 5) and 7 (one group, partly empty). */
+static void
+test_kernels_matmul_small_batches_vs_ref(void **state)
+{
+    static const enum kern_dtype types[] = {KERN_DTYPE_Q4_0, KERN_DTYPE_Q4_1, KERN_DTYPE_Q8_0};
+    static const int64_t n_outs[] = {53, 7};
+    enum kern_isa isa = state_isa(state);
+    struct kern_pool *pool = NULL;
+    assert_int_equal(kern_pool_new(2, &pool), 0);
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++)
+        for (int n_tok = 2; n_tok <= 33; n_tok++)
+            for (size_t o = 0; o < 2; o++)
+                check_matmul_isa(isa, pool, types[ti], 608, n_outs[o], n_tok,
+                                 500 + 100 * ti + (uint64_t)n_tok * 2 + o);
+    kern_pool_free(pool);
+}
+
 /* With the same quantized activations the SIMD kernels differ from the scalar ones only by the
  * order of f32 sums. */
 static void
@@ -740,6 +758,10 @@ main(void)
          (void *)&isa_avx2},
         {"test_kernels_matmul_batched_vs_ref/avx512", test_kernels_matmul_batched_vs_ref, NULL,
          NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_small_batches_vs_ref/avx2", test_kernels_matmul_small_batches_vs_ref,
+         NULL, NULL, (void *)&isa_avx2},
+        {"test_kernels_matmul_small_batches_vs_ref/avx512",
+         test_kernels_matmul_small_batches_vs_ref, NULL, NULL, (void *)&isa_avx512},
         {"test_kernels_matmul_simd_vs_scalar/avx2", test_kernels_matmul_simd_vs_scalar, NULL, NULL,
          (void *)&isa_avx2},
         {"test_kernels_matmul_simd_vs_scalar/avx512", test_kernels_matmul_simd_vs_scalar, NULL,

@@ -1008,13 +1008,18 @@ loop_timeout_ms(const struct engine *e, uint64_t now)
     return wake <= now ? 0 : (int)((wake - now + 999999) / 1000000);
 }
 
+/* Shutdown is complete when no sequence is left and every connection has taken its output, or,
+ * once the grace period is over, when no sequence is left: output a stuck reader never takes is
+ * dropped rather than holding the process. */
 static bool
-all_done(const struct engine *e)
+all_done(const struct engine *e, uint64_t now)
 {
     struct eng_sched_stats s;
     eng_sched_get_stats(e->sched, &s);
     if (s.running || s.queued)
         return false;
+    if (now >= e->stop_deadline)
+        return true;
     for (const struct conn *c = e->conns; c; c = c->next) {
         if (cm_wire_buf_pending(&c->out) > 0)
             return false;
@@ -1028,7 +1033,7 @@ run_loop(struct engine *e)
     struct epoll_event evs[64];
     for (;;) {
         uint64_t now = cm_now_ns();
-        if (e->stopping && all_done(e))
+        if (e->stopping && all_done(e, now))
             return 0;
         int n = epoll_wait(e->ep, evs, 64, loop_timeout_ms(e, now));
         if (n < 0 && errno != EINTR) {

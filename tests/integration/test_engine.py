@@ -18,7 +18,6 @@ import re
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import tempfile
 import time

@@ -1,10 +1,11 @@
 /*
  * cm_log: one logging macro for every module.
  *
- * CM_LOG(level, fmt, ...) writes one line to stderr: UTC time, level, module (the file's directory),
- * file:line and the message, which should carry key=value pairs (`req=42 seq=7`). Lines below the
- * level set with cm_log_set_level() are dropped. Thread-safe: each line is written with one write(2).
- * Never log prompt or completion text at INFO or above, and never log from kernels or per-token loops.
+ * CM_LOG(level, fmt, ...) writes one line to stderr: UTC time, level, module (the file's
+ * directory), file:line and the message, which should carry key=value pairs (`req=42 seq=7`). Lines
+ * below the level set with cm_log_set_level() are dropped. Thread-safe: each line is written with
+ * one write(2). Never log prompt or completion text at INFO or above, and never log from kernels or
+ * per-token loops.
  */
 #ifndef CM_LOG_H
 #define CM_LOG_H

@@ -10,7 +10,7 @@ struct eng_kv_pool {
     int kv_dim;
     int n_blocks;
     int n_free;
-    int32_t *free_list; /* (n_blocks) stack of free block ids; the top is free_list[n_free - 1] */
+    int32_t *free_list;  /* (n_blocks) stack of free block ids; the top is free_list[n_free - 1] */
     size_t block_floats; /* n_layer * ENG_KV_BLOCK * kv_dim: one block's K (or V) */
     float *k;            /* (n_blocks, n_layer, ENG_KV_BLOCK, kv_dim) */
     float *v;

@@ -23,10 +23,10 @@
 struct eng_kv_pool;
 
 struct eng_kv_seq {
-    int n_tokens;    /* positions written so far (the next token's position) */
-    int n_blocks;    /* blocks held */
-    int cap_blocks;  /* capacity of table */
-    int32_t *table;  /* (cap_blocks) block ids, position order */
+    int n_tokens;   /* positions written so far (the next token's position) */
+    int n_blocks;   /* blocks held */
+    int cap_blocks; /* capacity of table */
+    int32_t *table; /* (cap_blocks) block ids, position order */
 };
 
 /* A pool of n_blocks blocks for a model with n_layer layers and kv_dim = n_head_kv * head_dim.

@@ -172,21 +172,42 @@ parse_args(int argc, char **argv, struct opts *o)
     while ((c = getopt_long(argc, argv, "m:p:n:t:c:h", longopts, NULL)) != -1) {
         int rc = 0;
         switch (c) {
-        case 'm': o->model = optarg; break;
-        case 'p': o->prompt = optarg; break;
-        case OPT_PROMPT_IDS: o->prompt_ids = optarg; break;
-        case 'n': rc = parse_int(optarg, "-n", 0, 1 << 20, &o->n_predict); break;
-        case OPT_CHAT: o->chat = true; break;
-        case OPT_SYSTEM: o->system = optarg; break;
-        case OPT_TEMP: rc = parse_float(optarg, "--temp", &o->sp.temperature); break;
+        case 'm':
+            o->model = optarg;
+            break;
+        case 'p':
+            o->prompt = optarg;
+            break;
+        case OPT_PROMPT_IDS:
+            o->prompt_ids = optarg;
+            break;
+        case 'n':
+            rc = parse_int(optarg, "-n", 0, 1 << 20, &o->n_predict);
+            break;
+        case OPT_CHAT:
+            o->chat = true;
+            break;
+        case OPT_SYSTEM:
+            o->system = optarg;
+            break;
+        case OPT_TEMP:
+            rc = parse_float(optarg, "--temp", &o->sp.temperature);
+            break;
         case OPT_SEED:
             rc = parse_int(optarg, "--seed", 0, INT_MAX, &seed);
             o->sp.seed = (uint64_t)seed;
             break;
-        case OPT_TOP_K: rc = parse_int(optarg, "--top-k", 0, 1 << 24, &o->sp.top_k); break;
-        case OPT_TOP_P: rc = parse_float(optarg, "--top-p", &o->sp.top_p); break;
-        case OPT_MIN_P: rc = parse_float(optarg, "--min-p", &o->sp.min_p); break;
-        case OPT_REPEAT: rc = parse_float(optarg, "--repeat-penalty", &o->sp.repetition_penalty);
+        case OPT_TOP_K:
+            rc = parse_int(optarg, "--top-k", 0, 1 << 24, &o->sp.top_k);
+            break;
+        case OPT_TOP_P:
+            rc = parse_float(optarg, "--top-p", &o->sp.top_p);
+            break;
+        case OPT_MIN_P:
+            rc = parse_float(optarg, "--min-p", &o->sp.min_p);
+            break;
+        case OPT_REPEAT:
+            rc = parse_float(optarg, "--repeat-penalty", &o->sp.repetition_penalty);
             break;
         case OPT_PRESENCE:
             rc = parse_float(optarg, "--presence-penalty", &o->sp.presence_penalty);
@@ -194,15 +215,32 @@ parse_args(int argc, char **argv, struct opts *o)
         case OPT_FREQUENCY:
             rc = parse_float(optarg, "--frequency-penalty", &o->sp.frequency_penalty);
             break;
-        case OPT_IGNORE_EOS: o->ignore_eos = true; break;
-        case 't': rc = parse_int(optarg, "--threads", 1, 256, &o->n_threads); break;
-        case 'c': rc = parse_int(optarg, "--ctx", 1, 1 << 20, &o->n_ctx); break;
-        case OPT_PRINT_IDS: o->print_ids = true; break;
-        case OPT_DUMP_LOGITS: o->dump_logits = optarg; break;
-        case OPT_NO_STATS: o->no_stats = true; break;
-        case OPT_INSPECT: o->inspect = optarg; break;
-        case 'h': usage(stdout); return 1;
-        default: return -1;
+        case OPT_IGNORE_EOS:
+            o->ignore_eos = true;
+            break;
+        case 't':
+            rc = parse_int(optarg, "--threads", 1, 256, &o->n_threads);
+            break;
+        case 'c':
+            rc = parse_int(optarg, "--ctx", 1, 1 << 20, &o->n_ctx);
+            break;
+        case OPT_PRINT_IDS:
+            o->print_ids = true;
+            break;
+        case OPT_DUMP_LOGITS:
+            o->dump_logits = optarg;
+            break;
+        case OPT_NO_STATS:
+            o->no_stats = true;
+            break;
+        case OPT_INSPECT:
+            o->inspect = optarg;
+            break;
+        case 'h':
+            usage(stdout);
+            return 1;
+        default:
+            return -1;
         }
         if (rc < 0)
             return -1;
@@ -255,8 +293,8 @@ parse_ids(const char *s, int n_vocab, int32_t **out, int *n_out)
         errno = 0;
         long v = strtol(p, &end, 10);
         if (errno || end == p || v < 0 || v >= n_vocab || (*end && *end != ',')) {
-            fprintf(stderr, "llm-run: --prompt-ids: bad token id near '%.20s' (vocabulary %d)\n",
-                    p, n_vocab);
+            fprintf(stderr, "llm-run: --prompt-ids: bad token id near '%.20s' (vocabulary %d)\n", p,
+                    n_vocab);
             free(ids);
             return -1;
         }
@@ -484,8 +522,7 @@ main(int argc, char **argv)
         const char *text = o.prompt;
         if (o.chat && !(text = chat = render_chat(g, &o)))
             goto out;
-        if (eng_tok_encode(tok, text, strlen(text), eng_tok_add_bos(tok), true, &ids, &n_ids) <
-            0) {
+        if (eng_tok_encode(tok, text, strlen(text), eng_tok_add_bos(tok), true, &ids, &n_ids) < 0) {
             fprintf(stderr, "llm-run: tokenization failed\n");
             goto out;
         }

@@ -4,8 +4,8 @@
  * The CPU backend (kernels/cpu/) has a scalar reference for each kernel (`_ref`, the definition of
  * the result) and AVX2 / AVX-512 versions picked at run time from the CPU's features. A
  * struct kern_pool is a persistent set of worker threads; kern_pool_run hands every thread the same
- * task and returns when all have finished. Matmuls split their output rows across the pool's threads
- * and read each weight row once for all rows of the activation batch.
+ * task and returns when all have finished. Matmuls split their output rows across the pool's
+ * threads and read each weight row once for all rows of the activation batch.
  *
  * Thread context: one thread (the caller of kern_pool_run, e.g. the engine's forward pass) drives a
  * pool; kernels called with a pool must not be called concurrently on the same pool. Functions that

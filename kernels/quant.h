@@ -2,10 +2,10 @@
  * quant: the weight block layouts of GGUF files, shared by the CPU kernels (and later CUDA).
  *
  * Type ids are the GGUF/ggml tensor type numbers, so a tensor's type field maps directly onto
- * enum kern_dtype. Each quantized type stores a row of n elements as n / block_elems blocks laid out
- * back to back; every layout below is fixed by the file format and checked with a static_assert.
- * fp16 fields are raw IEEE half bits (convert with cm_fp16_to_f32). Dequantization of block j of a
- * row gives elements [j*block_elems, (j+1)*block_elems).
+ * enum kern_dtype. Each quantized type stores a row of n elements as n / block_elems blocks laid
+ * out back to back; every layout below is fixed by the file format and checked with a
+ * static_assert. fp16 fields are raw IEEE half bits (convert with cm_fp16_to_f32). Dequantization
+ * of block j of a row gives elements [j*block_elems, (j+1)*block_elems).
  */
 #ifndef KERN_QUANT_H
 #define KERN_QUANT_H
@@ -34,8 +34,8 @@ enum kern_dtype {
     KERN_DTYPE_COUNT = 40, /* ids at or above this are unknown */
 };
 
-#define KERN_QK 32     /* elements per block of the 32-element types */
-#define KERN_QK_K 256  /* elements per super-block of the K-quants */
+#define KERN_QK 32    /* elements per block of the 32-element types */
+#define KERN_QK_K 256 /* elements per super-block of the K-quants */
 #define KERN_K_SCALE_SIZE 12
 
 /* Q4_0: x = d * (q - 8), q in 0..15; low nibbles are elements 0..15, high nibbles 16..31. */
@@ -80,8 +80,8 @@ static_assert(sizeof(struct kern_block_q8_0) == 34, "q8_0 block");
 /*
  * Q4_K: 8 sub-blocks of 32; x = d * sc[j] * q - dmin * mn[j], with 6-bit sc/mn packed in scales[12]
  * (j < 4: sc = scales[j] & 63, mn = scales[j+4] & 63; j >= 4: sc = (scales[j+4] & 0xF) |
- * ((scales[j-4] >> 6) << 4), mn = (scales[j+4] >> 4) | ((scales[j] >> 6) << 4)). qs holds 64-element
- * groups: 32 bytes, low nibbles sub-block 2g, high nibbles sub-block 2g+1.
+ * ((scales[j-4] >> 6) << 4), mn = (scales[j+4] >> 4) | ((scales[j] >> 6) << 4)). qs holds
+ * 64-element groups: 32 bytes, low nibbles sub-block 2g, high nibbles sub-block 2g+1.
  */
 struct kern_block_q4_k {
     uint16_t d;
@@ -91,7 +91,8 @@ struct kern_block_q4_k {
 };
 static_assert(sizeof(struct kern_block_q4_k) == 144, "q4_k block");
 
-/* Q5_K: as Q4_K plus a fifth bit per element: bit (2g) / (2g+1) of qh[l] for element l of group g. */
+/* Q5_K: as Q4_K plus a fifth bit per element: bit (2g) / (2g+1) of qh[l] for element l of group g.
+ */
 struct kern_block_q5_k {
     uint16_t d;
     uint16_t dmin;
@@ -101,7 +102,8 @@ struct kern_block_q5_k {
 };
 static_assert(sizeof(struct kern_block_q5_k) == 176, "q5_k block");
 
-/* Q6_K: 16 sub-blocks of 16; x = d * scales[j] * (q - 32), q = 4 low bits in ql | 2 high bits in qh. */
+/* Q6_K: 16 sub-blocks of 16; x = d * scales[j] * (q - 32), q = 4 low bits in ql | 2 high bits in
+ * qh. */
 struct kern_block_q6_k {
     uint8_t ql[KERN_QK_K / 2];
     uint8_t qh[KERN_QK_K / 4];
@@ -110,7 +112,8 @@ struct kern_block_q6_k {
 };
 static_assert(sizeof(struct kern_block_q6_k) == 210, "q6_k block");
 
-/* Per-type facts. name is the ggml spelling ("q4_1"). supported: the kernels can compute with it. */
+/* Per-type facts. name is the ggml spelling ("q4_1"). supported: the kernels can compute with it.
+ */
 struct kern_dtype_traits {
     const char *name;
     int block_elems;
@@ -121,7 +124,8 @@ struct kern_dtype_traits {
 /* Traits of a type id, or NULL when the id is unknown (including ids of removed ggml types). */
 const struct kern_dtype_traits *kern_dtype_traits(uint32_t type);
 
-/* Bytes of a row of n elements; 0 if n is not a multiple of the block size or the type is unknown. */
+/* Bytes of a row of n elements; 0 if n is not a multiple of the block size or the type is unknown.
+ */
 size_t kern_row_bytes(uint32_t type, int64_t n);
 
 #endif

@@ -382,6 +382,7 @@ struct eng_fwd {
     float *hb;             /* (n_batch, n_ff) gate, then silu(gate) * up */
     float *hb2;            /* (n_batch, n_ff) up */
     float *rope;           /* (n_batch, n_rot / 2, 2) cos, sin */
+    float *freq;           /* (n_rot / 2) theta^(-2j / n_rot), computed once */
     float *score;          /* (n_threads, n_group * n_ctx) attention scratch per thread */
     const float **blk_ptr; /* (n_threads, 2 * max_blocks) K and V block pointers per thread */
     int max_blocks;
@@ -419,16 +420,19 @@ eng_fwd_new(const struct eng_model *m, struct kern_pool *pool, int n_batch, int 
     f->hb = malloc(nb * (size_t)hp->n_ff * sizeof(float));
     f->hb2 = malloc(nb * (size_t)hp->n_ff * sizeof(float));
     f->rope = malloc(nb * (size_t)hp->n_rot * sizeof(float));
+    f->freq = malloc((size_t)hp->n_rot / 2 * sizeof(float));
     f->score = malloc(nt * n_group * (size_t)n_ctx * sizeof(float));
     f->blk_ptr = malloc(nt * 2 * (size_t)f->max_blocks * sizeof(*f->blk_ptr));
     f->pos = malloc(nb * sizeof(*f->pos));
     f->seqs = malloc(nb * sizeof(*f->seqs));
     f->logits_idx = malloc(nb * sizeof(*f->logits_idx));
     if (!f->x || !f->xb || !f->q || !f->k || !f->v || !f->att || !f->tmp || !f->hb || !f->hb2 ||
-        !f->rope || !f->score || !f->blk_ptr || !f->pos || !f->seqs || !f->logits_idx) {
+        !f->rope || !f->freq || !f->score || !f->blk_ptr || !f->pos || !f->seqs || !f->logits_idx) {
         eng_fwd_free(f);
         return -ENOMEM;
     }
+    for (int j = 0; j < hp->n_rot / 2; j++)
+        f->freq[j] = powf(hp->rope_theta, -2.0f * (float)j / (float)hp->n_rot);
     *out = f;
     return 0;
 }
@@ -448,6 +452,7 @@ eng_fwd_free(struct eng_fwd *f)
     free(f->hb);
     free(f->hb2);
     free(f->rope);
+    free(f->freq);
     free(f->score);
     free(f->blk_ptr);
     free(f->pos);
@@ -622,8 +627,7 @@ embed(struct eng_fwd *f, const struct eng_batch *b)
             return rc;
         float *cs = f->rope + (size_t)i * hp->n_rot;
         for (int j = 0; j < hp->n_rot / 2; j++) {
-            float freq = powf(hp->rope_theta, -2.0f * (float)j / (float)hp->n_rot);
-            float a = (float)b->pos[i] * freq;
+            float a = (float)b->pos[i] * f->freq[j];
             cs[2 * j] = cosf(a);
             cs[2 * j + 1] = sinf(a);
         }

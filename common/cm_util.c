@@ -1,5 +1,6 @@
 #include "common/cm_util.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -53,4 +54,29 @@ cm_now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int
+cm_parse_long_arg(const char *prog, const char *what, const char *s, long lo, long hi, long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "%s: %s must be an integer in [%ld, %ld], got '%s'\n", prog, what, lo, hi,
+                s);
+        return -EINVAL;
+    }
+    *out = v;
+    return 0;
+}
+
+int
+cm_parse_int_arg(const char *prog, const char *what, const char *s, long lo, long hi, int *out)
+{
+    long v = 0;
+    int rc = cm_parse_long_arg(prog, what, s, lo, hi, &v);
+    if (rc == 0)
+        *out = (int)v;
+    return rc;
 }

@@ -17,6 +17,13 @@ void *cm_xcalloc(size_t count, size_t size);
 void *cm_xrealloc(void *p, size_t n);
 char *cm_xstrdup(const char *s);
 
+/* Parses s as a whole decimal integer in [lo, hi] (a command-line flag's value). On failure prints
+ * "PROG: WHAT must be an integer in [LO, HI], got 'S'" to stderr and returns -EINVAL; *out is
+ * written on success only. */
+int cm_parse_long_arg(const char *prog, const char *what, const char *s, long lo, long hi,
+                      long *out);
+int cm_parse_int_arg(const char *prog, const char *what, const char *s, long lo, long hi, int *out);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t cm_now_ns(void);
 

@@ -110,16 +110,7 @@ enum {
 static int
 parse_int(const char *s, const char *what, long lo, long hi, int *out)
 {
-    char *end = NULL;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "llm-engine: %s must be an integer in [%ld, %ld], got '%s'\n", what, lo, hi,
-                s);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
+    return cm_parse_int_arg("llm-engine", what, s, lo, hi, out);
 }
 
 /* Returns 0 to run, 1 after --help, -1 on bad usage. */
@@ -942,6 +933,7 @@ load(struct engine *e)
     return 0;
 }
 
+/* Frees whatever load() got to; connections exist only once the scheduler does. */
 static void
 unload(struct engine *e)
 {
@@ -1126,17 +1118,7 @@ out:
     }
     if (e->sig_fd >= 0)
         close(e->sig_fd);
-    if (e->sched)
-        unload(e);
-    else {
-        eng_kv_pool_free(e->kv);
-        eng_fwd_free(e->fwd);
-        kern_pool_free(e->pool);
-        eng_tok_free(e->tok);
-        eng_model_free(e->model);
-        eng_gguf_close(e->gguf);
-        free(e->default_system);
-    }
+    unload(e);
     if (e->ep >= 0)
         close(e->ep);
     return ret;

@@ -104,16 +104,7 @@ enum {
 static int
 parse_int(const char *s, const char *what, long lo, long hi, int *out)
 {
-    char *end = NULL;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "llm-run: %s must be an integer in [%ld, %ld], got '%s'\n", what, lo, hi,
-                s);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
+    return cm_parse_int_arg("llm-run", what, s, lo, hi, out);
 }
 
 static int

@@ -121,28 +121,9 @@ usage(FILE *f)
 }
 
 static int
-parse_long(const char *s, const char *what, long lo, long hi, long *out)
-{
-    char *end = NULL;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "engine_client: %s must be an integer in [%ld, %ld], got '%s'\n", what, lo,
-                hi, s);
-        return -EINVAL;
-    }
-    *out = v;
-    return 0;
-}
-
-static int
 parse_int(const char *s, const char *what, long lo, long hi, int *out)
 {
-    long v = 0;
-    int rc = parse_long(s, what, lo, hi, &v);
-    if (rc == 0)
-        *out = (int)v;
-    return rc;
+    return cm_parse_int_arg("engine_client", what, s, lo, hi, out);
 }
 
 static int
@@ -245,7 +226,7 @@ parse_opt(struct opts *o, int c, const char *arg)
         }
         break;
     case OPT_SEED:
-        rc = parse_long(arg, "--seed", 0, LONG_MAX, &v);
+        rc = cm_parse_long_arg("engine_client", "--seed", arg, 0, LONG_MAX, &v);
         o->seed = (uint64_t)v;
         o->has_seed = true;
         break;
@@ -289,8 +270,8 @@ parse_opt(struct opts *o, int c, const char *arg)
         rc = parse_int(arg, "--timeout-ms", 1, INT_MAX, &o->timeout_ms);
         break;
     case OPT_MAX_FRAME:
-        rc = parse_long(arg, "--max-frame-bytes", CM_WIRE_MIN_MAX_PAYLOAD, CM_WIRE_MAX_MAX_PAYLOAD,
-                        &v);
+        rc = cm_parse_long_arg("engine_client", "--max-frame-bytes", arg, CM_WIRE_MIN_MAX_PAYLOAD,
+                               CM_WIRE_MAX_MAX_PAYLOAD, &v);
         o->max_payload = (uint32_t)v;
         break;
     default:

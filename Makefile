@@ -23,11 +23,12 @@ AVX512_FLAGS := -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -
 # ---- Sources ----
 LIB_SRC := $(wildcard common/*.c) $(wildcard kernels/*.c) $(wildcard kernels/cpu/*.c) \
            $(filter-out engine/main_%.c,$(wildcard engine/*.c)) \
-           $(wildcard spill/*.c) $(wildcard guards/*.c)
+           $(wildcard spill/*.c) $(wildcard guards/*.c) \
+           $(filter-out fcgi/main_%.c,$(wildcard fcgi/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 LIB     := $(BUILD)/libllm.a
 
-BINS       := $(BUILD)/llm-run $(BUILD)/llm-engine
+BINS       := $(BUILD)/llm-run $(BUILD)/llm-engine $(if $(wildcard fcgi/main_fcgi.c),$(BUILD)/llm-fcgi,)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 UNIT_BINS  := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 TOOL_SRC   := $(wildcard tests/tools/*.c)
@@ -64,12 +65,15 @@ $(BUILD)/llm-run: $(BUILD)/engine/main_run.o $(LIB)
 $(BUILD)/llm-engine: $(BUILD)/engine/main_engine.o $(LIB)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+$(BUILD)/llm-fcgi: $(BUILD)/fcgi/main_fcgi.o $(LIB)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -lfcgi -o $@
+
 $(BUILD)/llm-bench: $(BENCH_SRC:%.c=$(BUILD)/%.o) $(LIB)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(BUILD)/tests/test_%: $(BUILD)/tests/unit/test_%.o $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) $^ $(LDLIBS) -lcmocka -o $@
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -lfcgi -lcmocka -o $@
 
 $(BUILD)/tests/tools/%: $(BUILD)/tests/tools/%.o $(LIB)
 	@mkdir -p $(dir $@)

@@ -76,7 +76,8 @@ struct cm_chat_tool_call {
 };
 
 /* All strings NUL-terminated UTF-8, borrowed for the duration of the call. Fields after content
- * may be left zero (positional {role, content} initialisers keep working). */
+ * may be left zero (initialise with designated initialisers: -Wextra rejects a positional
+ * {role, content}). */
 struct cm_chat_msg {
     const char *role;    /* "system", "developer", "user", "assistant", "tool", ... */
     const char *content; /* NULL only for an assistant message with n_tool_calls > 0 */

@@ -120,6 +120,12 @@ static const char llama31_fragment[] =
 
 /* ---- Helpers ---- */
 
+/* A plain message (the tool fields zero). */
+#define MSG(r, c)                                                                                  \
+    {                                                                                              \
+        .role = (r), .content = (c)                                                                \
+    }
+
 #define N_OF(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
 static void
@@ -141,19 +147,19 @@ default_system(const char *tmpl)
     return out;
 }
 
-static const struct cm_chat_msg conv_hello[] = {{"user", "Hello"}};
+static const struct cm_chat_msg conv_hello[] = {MSG("user", "Hello")};
 static const struct cm_chat_msg conv_multi[] = {
-    {"system", "You are terse."},
-    {"user", "Hi"},
-    {"assistant", "Hello!"},
-    {"user", "2+2?"},
+    MSG("system", "You are terse."),
+    MSG("user", "Hi"),
+    MSG("assistant", "Hello!"),
+    MSG("user", "2+2?"),
 };
-static const struct cm_chat_msg conv_no_sys[] = {{"user", "Hi"}, {"assistant", "Hello!"}};
+static const struct cm_chat_msg conv_no_sys[] = {MSG("user", "Hi"), MSG("assistant", "Hello!")};
 /* Whitespace: ASCII around the first, U+00A0 and U+3000 around the second, a lone tab. */
 static const struct cm_chat_msg conv_spaces[] = {
-    {"user", "  spaced out \n"},
-    {"assistant", "\xc2\xa0ok\xe3\x80\x80"},
-    {"user", "\t"},
+    MSG("user", "  spaced out \n"),
+    MSG("assistant", "\xc2\xa0ok\xe3\x80\x80"),
+    MSG("user", "\t"),
 };
 
 #define SMOL_SYS "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -323,7 +329,7 @@ static void
 test_chat_render_developer_is_system(void **state)
 {
     (void)state;
-    const struct cm_chat_msg dev[] = {{"developer", "Rules."}, {"user", "Hi"}};
+    const struct cm_chat_msg dev[] = {MSG("developer", "Rules."), MSG("user", "Hi")};
     expect_render(CM_CHAT_CHATML, SMOL_SYS, dev, 2, true,
                   "<|im_start|>system\nRules.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                   "<|im_start|>assistant\n");
@@ -361,14 +367,14 @@ test_chat_render_llama3(void **state)
                   "<|start_header_id|>user<|end_header_id|>\n\n<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n");
     /* Python's whitespace: U+2003, U+2028 and \x1f are, U+200B (zero width) is not. */
-    const struct cm_chat_msg uni[] = {{"user", " \xe2\x80\x83"
-                                               "a b\xe2\x80\xa8\x1f"},
-                                      {"assistant", "\xe2\x80\x8b x"}};
+    const struct cm_chat_msg uni[] = {MSG("user", " \xe2\x80\x83"
+                                                  "a b\xe2\x80\xa8\x1f"),
+                                      MSG("assistant", "\xe2\x80\x8b x")};
     expect_render(CM_CHAT_LLAMA3, NULL, uni, 2, false,
                   "<|start_header_id|>user<|end_header_id|>\n\na b<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n\xe2\x80\x8b x<|eot_id|>");
     /* Bytes that are not valid UTF-8 are never whitespace (an overlong space, a lone byte). */
-    const struct cm_chat_msg bad[] = {{"user", "\xc0\xa0x\x80"}};
+    const struct cm_chat_msg bad[] = {MSG("user", "\xc0\xa0x\x80")};
     expect_render(CM_CHAT_LLAMA3, NULL, bad, 1, false,
                   "<|start_header_id|>user<|end_header_id|>\n\n\xc0\xa0x\x80<|eot_id|>");
     /* A caller-given default system prompt gets its own header. */
@@ -396,10 +402,10 @@ test_chat_render_llama2(void **state)
 
     /* strip() applies to system + user joined: leading user spaces stay, and an all-blank user
      * message strips back into the system block. */
-    const struct cm_chat_msg lead[] = {{"system", "S"}, {"user", "  x  "}};
+    const struct cm_chat_msg lead[] = {MSG("system", "S"), MSG("user", "  x  ")};
     expect_render(CM_CHAT_LLAMA2, NULL, lead, 2, false,
                   "[INST] <<SYS>>\nS\n<</SYS>>\n\n  x [/INST]");
-    const struct cm_chat_msg blank[] = {{"system", "S"}, {"user", " "}};
+    const struct cm_chat_msg blank[] = {MSG("system", "S"), MSG("user", " ")};
     expect_render(CM_CHAT_LLAMA2, NULL, blank, 2, false, "[INST] <<SYS>>\nS\n<</SYS>> [/INST]");
     /* A default system prompt is folded in the same way. */
     expect_render(CM_CHAT_LLAMA2, "D", conv_hello, 1, false,
@@ -413,17 +419,17 @@ test_chat_render_llama2_alternation(void **state)
 {
     (void)state;
     char *out = NULL;
-    const struct cm_chat_msg starts_assistant[] = {{"assistant", "x"}};
-    const struct cm_chat_msg two_users[] = {{"user", "a"}, {"user", "b"}};
-    const struct cm_chat_msg late_system[] = {
-        {"user", "a"}, {"assistant", "b"}, {"system", "ignored"}, {"user", "c"}};
+    const struct cm_chat_msg starts_assistant[] = {MSG("assistant", "x")};
+    const struct cm_chat_msg two_users[] = {MSG("user", "a"), MSG("user", "b")};
+    const struct cm_chat_msg late_system[] = {MSG("user", "a"), MSG("assistant", "b"),
+                                              MSG("system", "ignored"), MSG("user", "c")};
     assert_int_equal(cm_chat_render(CM_CHAT_LLAMA2, NULL, starts_assistant, 1, true, &out),
                      -EINVAL);
     assert_int_equal(cm_chat_render(CM_CHAT_LLAMA2, NULL, two_users, 2, true, &out), -EINVAL);
     assert_int_equal(cm_chat_render(CM_CHAT_LLAMA2, NULL, late_system, 4, true, &out), -EINVAL);
     assert_null(out);
     /* A role other than user at an odd index renders nothing, as in the template. */
-    const struct cm_chat_msg odd_tool[] = {{"user", "a"}, {"tool", "t"}};
+    const struct cm_chat_msg odd_tool[] = {MSG("user", "a"), MSG("tool", "t")};
     expect_render(CM_CHAT_LLAMA2, NULL, odd_tool, 2, false, "[INST] a [/INST]");
 }
 
@@ -434,9 +440,9 @@ test_chat_render_errors(void **state)
 {
     (void)state;
     char *out = NULL;
-    const struct cm_chat_msg null_content[] = {{"user", NULL}};
-    const struct cm_chat_msg null_role[] = {{NULL, "x"}};
-    const struct cm_chat_msg empty_role[] = {{"", "x"}};
+    const struct cm_chat_msg null_content[] = {MSG("user", NULL)};
+    const struct cm_chat_msg null_role[] = {MSG(NULL, "x")};
+    const struct cm_chat_msg empty_role[] = {MSG("", "x")};
     assert_int_equal(cm_chat_render(CM_CHAT_UNKNOWN, NULL, conv_hello, 1, true, &out), -EINVAL);
     assert_int_equal(cm_chat_render((enum cm_chat_family)42, NULL, conv_hello, 1, true, &out),
                      -EINVAL);

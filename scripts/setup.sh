@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 REQ=tests/requirements.txt
+# lighttpd, spawn-fcgi, libfcgi-bin (cgi-fcgi), apache2-bin + libapache2-mod-fcgid and nginx-light
+# are the web servers and FastCGI tools the integration tests run the worker behind.
 PKGS=(build-essential clang clang-format libpcre2-dev libcmocka-dev libjson-c-dev pkg-config
-      python3-venv valgrind lighttpd spawn-fcgi libfcgi-dev curl)
+      python3-venv valgrind lighttpd spawn-fcgi libfcgi-dev libfcgi-bin curl
+      apache2-bin libapache2-mod-fcgid nginx-light)
 
 # ---- Debian packages ----
 missing=()
@@ -23,8 +26,22 @@ if ((${#missing[@]})); then
     sudo=()
     [[ $(id -u) -eq 0 ]] || sudo=(sudo)
     export DEBIAN_FRONTEND=noninteractive
+    # Packages such as nginx and lighttpd start their service (on port 80) when installed. A
+    # policy-rc.d that exits 101 forbids that; one is put in place for the duration of apt-get
+    # when the machine has none (CI containers usually do), and removed afterwards.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        trap '"${sudo[@]}" rm -f "$policy"' EXIT
+        printf '#!/bin/sh\n# temporary, from llm-fcgi scripts/setup.sh: no service starts\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+    fi
     "${sudo[@]}" apt-get update -qq </dev/null
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+    if [[ -n $(trap -p EXIT) ]]; then
+        "${sudo[@]}" rm -f "$policy"
+        trap - EXIT
+    fi
 fi
 
 # ---- Python venv for the integration tests ----

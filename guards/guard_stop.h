@@ -41,7 +41,7 @@ int guard_stop_new(const char *const *stops, int n_stops, struct guard_stop **ou
 /* NULL is a no-op. */
 void guard_stop_free(struct guard_stop *s);
 
-/* Appends text[0..n) (text may be NULL when n == 0). On success *emit/*emit_len are the text that
+/* Appends text[0..n) (text may be NULL when n == 0). On success *emit, *emit_len are the text that
  * may be sent now (possibly empty; see Ownership) and *matched is whether a stop string has matched
  * (this feed or earlier). Returns 0 or -ENOMEM (nothing emitted, the feed is not consumed; the
  * caller should end the response). */
@@ -49,7 +49,7 @@ int guard_stop_feed(struct guard_stop *s, const char *text, size_t n, const char
                     size_t *emit_len, bool *matched);
 
 /* End of generation without a match: returns the held-back tail (which can no longer match) in
- * *emit/*emit_len, and nothing when matched. Further feeds after a flush are treated as a new
+ * *emit, *emit_len, and nothing when matched. Further feeds after a flush are treated as a new
  * continuation of the same stream. Returns 0. */
 int guard_stop_flush(struct guard_stop *s, const char **emit, size_t *emit_len);
 

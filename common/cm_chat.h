@@ -137,9 +137,10 @@ bool cm_chat_supports_tools(enum cm_chat_family f);
  * Llama 2, whose prompt already ends in "[/INST]"). On success *out is a fresh NUL-terminated
  * string (caller frees with free()). Returns 0, or
  *   -EINVAL  unknown family (without tools), n < 1, NULL msgs/out, a NULL or empty role, NULL
- *            content (except an assistant message with tool calls), n_tool_calls < 0 or > 0
- *            with NULL tool_calls, a call with a NULL or empty name, tools_json that is not a
- *            JSON array of objects, Llama 2 roles that do not alternate user/assistant;
+ *            content (except an assistant message with tool calls), n_tool_calls < 0, or > 0
+ *            with NULL tool_calls or on a role other than "assistant", a call with a NULL or
+ *            empty name, tools_json that is not a JSON array of objects, Llama 2 roles that do
+ *            not alternate user/assistant;
  *   -ENOTSUP tools (a non-empty array) or assistant tool calls for a family without a tool
  *            format (Llama 2, unknown): the worker answers 400;
  *   -ENOMEM. Pure function, any thread. */

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/bench_load.h"
 #include "common/cm_util.h"
 #include "engine/gguf.h"
 #include "engine/kv.h"
@@ -231,7 +232,91 @@ usage(FILE *f)
                "      --json FILE    append the results as one JSON line\n"
                "      --label TEXT   a label stored in the JSON line (e.g. the git commit)\n"
                "      --batched      also aggregate decode tok/s of 1..32 sequences at once\n"
-               "                     (128-token prompts, 64 decode steps)\n");
+               "                     (128-token prompts, 64 decode steps)\n"
+               "End-to-end load (BENCH.md item 3; no model is loaded here):\n"
+               "      --load TARGET  http://HOST:PORT (OpenAI server) or unix:PATH (llm-engine\n"
+               "                     socket); repeat to compare (ratios: first / others)\n"
+               "      --clients LIST concurrent streaming clients, e.g. 1,8,32 (default)\n"
+               "      --rounds R     requests per client, one after the other (2)\n"
+               "      --prompt-words N  ~words per prompt (245: ~250 tokens)\n"
+               "      --gen N        completion tokens per request, EOS suppressed (128)\n"
+               "      --engine-socket PATH  read the EOS/EOT ids to suppress from this engine\n");
+}
+
+/* ---- End-to-end load (--load) ---- */
+
+#define MAX_TARGETS 4
+
+struct load_mode {
+    const char *targets[MAX_TARGETS];
+    int n_targets;
+    const char *clients; /* "1,8,32" */
+    const char *engine_socket;
+    int rounds, prompt_words, gen;
+};
+
+/* Each client count runs every target in turn (A B A B across counts keeps drift alike); the
+ * first target is "ours", ratios are ours / each other target. */
+static int
+run_load_mode(const struct load_mode *lm, const char *json, const char *label)
+{
+    int32_t ban[2];
+    int n_ban = 0;
+    if (lm->engine_socket) {
+        int rc = bench_load_engine_ban_ids(lm->engine_socket, ban, &n_ban);
+        if (rc < 0) {
+            fprintf(stderr, "llm-bench: %s: cannot read MODEL_INFO: %s\n", lm->engine_socket,
+                    strerror(-rc));
+            return 1;
+        }
+    }
+    FILE *jf = json ? fopen(json, "a") : NULL;
+    char list[128];
+    snprintf(list, sizeof(list), "%s", lm->clients);
+    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        int n = atoi(tok);
+        if (n < 1)
+            continue;
+        double tps[MAX_TARGETS] = {0};
+        for (int t = 0; t < lm->n_targets; t++) {
+            struct bench_load_opts o = {.target = lm->targets[t],
+                                        .clients = n,
+                                        .rounds = lm->rounds,
+                                        .prompt_words = lm->prompt_words,
+                                        .gen = lm->gen,
+                                        .ban = ban,
+                                        .n_ban = n_ban,
+                                        .timeout_s = 600};
+            struct bench_load_result r;
+            int rc = bench_load_run(&o, &r);
+            if (rc < 0) {
+                fprintf(stderr, "llm-bench: load %s: %s\n", lm->targets[t], strerror(-rc));
+                continue;
+            }
+            tps[t] = r.tok_s;
+            printf("load %s clients=%d: %.1f tok/s aggregate, TTFT p50 %.0f ms p99 %.0f ms, "
+                   "inter-token p50 %.1f ms p99 %.1f ms, prompt %.0f tokens, ok %d errors %d\n",
+                   lm->targets[t], n, r.tok_s, r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms,
+                   r.itl_p99_ms, r.ok ? (double)r.prompt_tokens / r.ok : 0.0, r.ok, r.errors);
+            fflush(stdout);
+            if (jf)
+                fprintf(jf,
+                        "{\"timestamp\":%lld,\"label\":\"%s\",\"bench\":\"load\",\"target\":\"%s\","
+                        "\"clients\":%d,\"ok\":%d,\"errors\":%d,\"tok_s\":%.2f,"
+                        "\"ttft_p50_ms\":%.1f,\"ttft_p99_ms\":%.1f,\"itl_p50_ms\":%.2f,"
+                        "\"itl_p99_ms\":%.2f,\"gen\":%d}\n",
+                        (long long)time(NULL), label, lm->targets[t], n, r.ok, r.errors, r.tok_s,
+                        r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms, lm->gen);
+        }
+        for (int t = 1; t < lm->n_targets; t++)
+            if (tps[t] > 0)
+                printf("ratio clients=%d: %s / %s = %.2fx\n", n, lm->targets[0], lm->targets[t],
+                       tps[0] / tps[t]);
+    }
+    if (jf)
+        fclose(jf);
+    return 0;
 }
 
 int
@@ -247,11 +332,18 @@ main(int argc, char **argv)
         {"json", required_argument, 0, 'j'},
         {"label", required_argument, 0, 'l'},
         {"batched", no_argument, 0, 'B'},
+        {"load", required_argument, 0, 'L'},
+        {"clients", required_argument, 0, 'C'},
+        {"rounds", required_argument, 0, 'R'},
+        {"prompt-words", required_argument, 0, 'W'},
+        {"gen", required_argument, 0, 'G'},
+        {"engine-socket", required_argument, 0, 'E'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *model = NULL, *json = NULL, *label = "";
     bool batched = false;
+    struct load_mode lm = {.clients = "1,8,32", .rounds = 2, .prompt_words = 245, .gen = 128};
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = ncpu > 0 ? (int)ncpu : 1, n_pp = 512, n_tg = 128, reps = 3, bw_mb = 1024;
     int c;
@@ -284,6 +376,25 @@ main(int argc, char **argv)
         case 'B':
             batched = true;
             break;
+        case 'L':
+            if (lm.n_targets < MAX_TARGETS)
+                lm.targets[lm.n_targets++] = optarg;
+            break;
+        case 'C':
+            lm.clients = optarg;
+            break;
+        case 'R':
+            lm.rounds = atoi(optarg);
+            break;
+        case 'W':
+            lm.prompt_words = atoi(optarg);
+            break;
+        case 'G':
+            lm.gen = atoi(optarg);
+            break;
+        case 'E':
+            lm.engine_socket = optarg;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -291,6 +402,13 @@ main(int argc, char **argv)
             usage(stderr);
             return 2;
         }
+    }
+    if (lm.n_targets > 0) {
+        if (lm.rounds < 1 || lm.prompt_words < 1 || lm.gen < 1) {
+            usage(stderr);
+            return 2;
+        }
+        return run_load_mode(&lm, json, label);
     }
     if (!model || n_threads < 1 || n_pp < 1 || n_tg < 1 || reps < 1 || reps > 100 || bw_mb < 64) {
         usage(stderr);

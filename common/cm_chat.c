@@ -378,16 +378,18 @@ json_parse_all(const char *text, struct json_object **out)
 
     if (tok == NULL)
         return -ENOMEM;
-    if (len > INT32_MAX)
+    if (len >= INT32_MAX)
         goto out;
     json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
-    v = json_tokener_parse_ex(tok, text, (int)len);
+    /* The terminating NUL is passed too: it ends a top-level number or literal, which would
+     * otherwise wait for more input. */
+    v = json_tokener_parse_ex(tok, text, (int)len + 1);
     /* json-c 0.16 has no distinct error for a failed allocation inside the tokener: it reads as
      * invalid JSON. */
     if (json_tokener_get_error(tok) != json_tokener_success)
         goto out;
     size_t used = json_tokener_get_parse_end(tok);
-    if (text[used + strspn(text + used, " \t\r\n")] != '\0')
+    if (used < len && text[used + strspn(text + used, " \t\r\n")] != '\0')
         goto out;
     *out = v;
     v = NULL;

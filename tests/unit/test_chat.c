@@ -455,6 +455,302 @@ test_chat_render_errors(void **state)
     assert_null(out);
 }
 
+/* ---- Tools ---- */
+
+/* Two OpenAI tool definitions, written compactly: the renderer re-serialises them the way the
+ * template's tojson (Python json.dumps) does. A quote, a tab, "<=" and "&" (not HTML-escaped) and
+ * non-ASCII text (kept as UTF-8). */
+static const char tools_json[] =
+    "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":\"Weather in "
+    "a city, e.g. \\\"Zürich\\\"\",\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{"
+    "\"type\":\"string\"},\"unit\":{\"type\":\"string\",\"enum\":[\"c\",\"f\"]}},\"required\":["
+    "\"city\"]}}},\n {\"type\":\"function\",\"function\":{\"name\":\"add\",\"description\":\"a+b "
+    "<= 10 & more\\ttab\",\"parameters\":{\"type\":\"object\",\"properties\":{\"a\":{\"type\":"
+    "\"integer\"},\"b\":{\"type\":\"number\",\"default\":0.5}}}}}] ";
+
+/* The system text that tools_json adds, as Qwen2.5's template renders it (from "# Tools"). */
+#define TOOLS_TEXT                                                                                 \
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "     \
+    "provided with function signatures within <tools></tools> XML tags:\n<tools>\n"                \
+    "{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": "         \
+    "\"Weather in a city, e.g. \\\"Zürich\\\"\", \"parameters\": {\"type\": \"object\", "         \
+    "\"properties\": {\"city\": {\"type\": \"string\"}, \"unit\": {\"type\": \"string\", "         \
+    "\"enum\": [\"c\", \"f\"]}}, \"required\": [\"city\"]}}}\n"                                    \
+    "{\"type\": \"function\", \"function\": {\"name\": \"add\", \"description\": \"a+b <= 10 & "   \
+    "more\\ttab\", \"parameters\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": "     \
+    "\"integer\"}, \"b\": {\"type\": \"number\", \"default\": 0.5}}}}}\n</tools>\n\n"              \
+    "For each function call, return a json object with function name and arguments within "        \
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "  \
+    "<args-json-object>}\n</tool_call>"
+
+#define CALL_PARIS                                                                                 \
+    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
+#define CALL_ZURICH                                                                                \
+    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"unit\": "   \
+    "\"c\"}}\n</tool_call>"
+
+/* Arguments as clients send them: compact, or with white space the rendering drops. */
+static const struct cm_chat_tool_call calls_weather[] = {
+    {.id = "call_1", .name = "get_weather", .arguments = "{\"city\":\"Paris\"}"},
+    {.id = "call_2",
+     .name = "get_weather",
+     .arguments = " {\"city\" : \"Zürich\",\n \"unit\":\"c\"} "},
+};
+
+/* system, user, an assistant turn of two calls, their two results, a follow-up question. */
+static const struct cm_chat_msg conv_tools[] = {
+    MSG("system", "You are a weather bot."),
+    MSG("user", "Weather in Paris and Zürich?"),
+    {.role = "assistant", .content = "", .tool_calls = calls_weather, .n_tool_calls = 2},
+    {.role = "tool", .content = "18°C, sunny", .tool_call_id = "call_1", .name = "get_weather"},
+    {.role = "tool", .content = "{\"temp\": 11}", .tool_call_id = "call_2"},
+    MSG("user", "Thanks! And 2+3?"),
+};
+
+static void
+expect_render_ex(enum cm_chat_family f, const char *sys, const char *tools, bool gen,
+                 const struct cm_chat_msg *msgs, int n, const char *want)
+{
+    const struct cm_chat_opts o = {
+        .default_system = sys, .tools_json = tools, .add_generation_prompt = gen};
+    char *out = NULL;
+    assert_int_equal(cm_chat_render_ex(f, &o, msgs, n, &out), 0);
+    assert_non_null(out);
+    assert_string_equal(out, want);
+    free(out);
+}
+
+static int
+render_ex_rc(enum cm_chat_family f, const char *tools, const struct cm_chat_msg *msgs, int n)
+{
+    const struct cm_chat_opts o = {.tools_json = tools, .add_generation_prompt = true};
+    char *out = NULL;
+    int rc = cm_chat_render_ex(f, &o, msgs, n, &out);
+    if (rc < 0)
+        assert_null(out);
+    free(out);
+    return rc;
+}
+
+/* The expected text is what transformers' render_jinja_template (trim_blocks, lstrip_blocks, its
+ * json.dumps tojson) gives for qwen25_tmpl and the same conversation, arguments as dicts. */
+static void
+test_chat_render_tools_chatml(void **state)
+{
+    (void)state;
+    static const char want[] =
+        "<|im_start|>system\nYou are a weather bot.\n\n" TOOLS_TEXT "<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris and Zürich?<|im_end|>\n"
+        "<|im_start|>assistant\n" CALL_PARIS "\n" CALL_ZURICH "<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n18°C, sunny\n</tool_response>\n"
+        "<tool_response>\n{\"temp\": 11}\n</tool_response><|im_end|>\n"
+        "<|im_start|>user\nThanks! And 2+3?<|im_end|>\n<|im_start|>assistant\n";
+    char *sys = default_system(qwen25_tmpl);
+    expect_render_ex(CM_CHAT_CHATML, sys, tools_json, true, conv_tools, N_OF(conv_tools), want);
+
+    /* NULL content renders as empty content does. */
+    struct cm_chat_msg null_content[N_OF(conv_tools)];
+    memcpy(null_content, conv_tools, sizeof(conv_tools));
+    null_content[2].content = NULL;
+    expect_render_ex(CM_CHAT_CHATML, sys, tools_json, true, null_content, N_OF(conv_tools), want);
+
+    /* No system message: the default one carries the tools. Content before a call, nested
+     * arguments, a single tool result, a final answer. */
+    static const struct cm_chat_tool_call add[] = {
+        {.name = "add", .arguments = "{\"a\":2,\"b\":[1,{\"x\":null,\"y\":true}]}"}};
+    const struct cm_chat_msg conv_add[] = {
+        MSG("user", "Add 2 and 3"),
+        {.role = "assistant", .content = "Let me add.", .tool_calls = add, .n_tool_calls = 1},
+        MSG("tool", "5"),
+        MSG("assistant", "It is 5."),
+    };
+    expect_render_ex(CM_CHAT_CHATML, sys, tools_json, false, conv_add, N_OF(conv_add),
+                     "<|im_start|>system\n" QWEN_SYS "\n\n" TOOLS_TEXT "<|im_end|>\n"
+                     "<|im_start|>user\nAdd 2 and 3<|im_end|>\n"
+                     "<|im_start|>assistant\nLet me add.\n<tool_call>\n{\"name\": \"add\", "
+                     "\"arguments\": {\"a\": 2, \"b\": [1, {\"x\": null, \"y\": true}]}}\n"
+                     "</tool_call><|im_end|>\n"
+                     "<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n"
+                     "<|im_start|>assistant\nIt is 5.<|im_end|>\n");
+
+    /* Calls in the history without tools: arguments that are not JSON become a JSON string. */
+    static const struct cm_chat_tool_call bad_args[] = {
+        {.name = "add", .arguments = "{not json \"q\"\n"}};
+    const struct cm_chat_msg conv_bad[] = {
+        MSG("user", "x"),
+        {.role = "assistant", .tool_calls = bad_args, .n_tool_calls = 1},
+        MSG("tool", "err"),
+    };
+    expect_render_ex(CM_CHAT_CHATML, sys, NULL, false, conv_bad, N_OF(conv_bad),
+                     "<|im_start|>system\n" QWEN_SYS "<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
+                     "<|im_start|>assistant\n<tool_call>\n{\"name\": \"add\", \"arguments\": "
+                     "\"{not json \\\"q\\\"\\n\"}\n</tool_call><|im_end|>\n"
+                     "<|im_start|>user\n<tool_response>\nerr\n</tool_response><|im_end|>\n");
+    free(sys);
+}
+
+static void
+test_chat_render_tools_without_system(void **state)
+{
+    (void)state;
+    /* No system message and no default: a system turn holding only the tool text. */
+    expect_render_ex(CM_CHAT_CHATML, NULL, tools_json, true, conv_hello, 1,
+                     "<|im_start|>system\n" TOOLS_TEXT "<|im_end|>\n"
+                     "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n");
+    expect_render_ex(CM_CHAT_LLAMA3, NULL, tools_json, false, conv_hello, 1,
+                     "<|start_header_id|>system<|end_header_id|>\n\n" TOOLS_TEXT "<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>");
+    /* The default system prompt, and an empty system message (no leading blank lines). */
+    expect_render_ex(CM_CHAT_CHATML, SMOL_SYS, tools_json, false, conv_hello, 1,
+                     "<|im_start|>system\n" SMOL_SYS "\n\n" TOOLS_TEXT "<|im_end|>\n"
+                     "<|im_start|>user\nHello<|im_end|>\n");
+    expect_render_ex(CM_CHAT_LLAMA3, "Be brief.", tools_json, false, conv_hello, 1,
+                     "<|start_header_id|>system<|end_header_id|>\n\nBe brief.\n\n" TOOLS_TEXT
+                     "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>");
+    const struct cm_chat_msg empty_sys[] = {MSG("developer", ""), MSG("user", "Hi")};
+    expect_render_ex(CM_CHAT_CHATML, SMOL_SYS, tools_json, false, empty_sys, 2,
+                     "<|im_start|>system\n" TOOLS_TEXT "<|im_end|>\n"
+                     "<|im_start|>user\nHi<|im_end|>\n");
+    /* Llama 3 trims the system message; a blank one leaves the tool text alone. */
+    const struct cm_chat_msg blank_sys[] = {MSG("system", " \n "), MSG("user", "Hi")};
+    expect_render_ex(CM_CHAT_LLAMA3, NULL, tools_json, false, blank_sys, 2,
+                     "<|start_header_id|>system<|end_header_id|>\n\n" TOOLS_TEXT "<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>");
+    /* An empty array is no tools, for every family. */
+    expect_render_ex(CM_CHAT_CHATML, SMOL_SYS, " [ ] ", true, conv_hello, 1,
+                     "<|im_start|>system\n" SMOL_SYS "<|im_end|>\n"
+                     "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n");
+    expect_render_ex(CM_CHAT_LLAMA2, NULL, "[]", true, conv_hello, 1, "[INST] Hello [/INST]");
+    /* No options at all: as cm_chat_render without a default or a generation prompt. */
+    char *out = NULL;
+    assert_int_equal(cm_chat_render_ex(CM_CHAT_CHATML, NULL, conv_hello, 1, &out), 0);
+    assert_string_equal(out, "<|im_start|>user\nHello<|im_end|>\n");
+    free(out);
+}
+
+/* Llama 3 has no reference tool template: the expected text follows cm_chat.h's description. */
+static void
+test_chat_render_tools_llama3(void **state)
+{
+    (void)state;
+    expect_render_ex(
+        CM_CHAT_LLAMA3, "unused", tools_json, true, conv_tools, N_OF(conv_tools),
+        "<|start_header_id|>system<|end_header_id|>\n\nYou are a weather bot.\n\n" TOOLS_TEXT
+        "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris and "
+        "Zürich?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n" CALL_PARIS "\n" CALL_ZURICH "<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\n18°C, sunny<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\n{\"temp\": 11}<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nThanks! And 2+3?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    /* Trimmed content before the calls, a trimmed tool result, no arguments as {}. */
+    static const struct cm_chat_tool_call no_args[] = {{.name = "now"}};
+    const struct cm_chat_msg conv[] = {
+        MSG("user", "Time?"),
+        {.role = "assistant", .content = " Checking. \n", .tool_calls = no_args, .n_tool_calls = 1},
+        MSG("tool", "\n12:00\n"),
+    };
+    expect_render_ex(CM_CHAT_LLAMA3, NULL, NULL, false, conv, N_OF(conv),
+                     "<|start_header_id|>user<|end_header_id|>\n\nTime?<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\nChecking.\n<tool_call>\n"
+                     "{\"name\": \"now\", \"arguments\": {}}\n</tool_call><|eot_id|>"
+                     "<|start_header_id|>ipython<|end_header_id|>\n\n12:00<|eot_id|>");
+}
+
+static void
+expect_prefix(enum cm_chat_family f, const char *name, const char *want)
+{
+    char *out = NULL;
+    assert_int_equal(cm_chat_tool_prefix(f, name, &out), 0);
+    assert_string_equal(out, want);
+    free(out);
+}
+
+static void
+test_chat_tool_prefix(void **state)
+{
+    (void)state;
+    for (enum cm_chat_family f = CM_CHAT_CHATML; f <= CM_CHAT_LLAMA3; f++) {
+        expect_prefix(f, NULL, "<tool_call>\n{\"name\": \"");
+        expect_prefix(f, "get_weather", "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ");
+        expect_prefix(f, "a\"b\\c\nd\x01\x1f\x7fé/",
+                      "<tool_call>\n{\"name\": \"a\\\"b\\\\c\\nd\\u0001\\u001f\x7fé/\", "
+                      "\"arguments\": ");
+    }
+    /* The prefix is exactly how a call in the history starts. */
+    const struct cm_chat_opts o = {.tools_json = tools_json};
+    char *text = NULL, *pre = NULL;
+    assert_int_equal(cm_chat_render_ex(CM_CHAT_CHATML, &o, conv_tools, 3, &text), 0);
+    assert_int_equal(cm_chat_tool_prefix(CM_CHAT_CHATML, "get_weather", &pre), 0);
+    const char *at = strstr(text, "<|im_start|>assistant\n");
+    assert_non_null(at);
+    at += strlen("<|im_start|>assistant\n");
+    assert_memory_equal(at, pre, strlen(pre));
+    assert_string_equal(at + strlen(pre),
+                        "{\"city\": \"Paris\"}}\n</tool_call>\n" CALL_ZURICH "<|im_end|>\n");
+    free(text);
+    free(pre);
+
+    char *out = NULL;
+    assert_int_equal(cm_chat_tool_prefix(CM_CHAT_LLAMA2, NULL, &out), -ENOTSUP);
+    assert_int_equal(cm_chat_tool_prefix(CM_CHAT_UNKNOWN, "f", &out), -ENOTSUP);
+    assert_int_equal(cm_chat_tool_prefix(CM_CHAT_CHATML, "", &out), -EINVAL);
+    assert_int_equal(cm_chat_tool_prefix(CM_CHAT_CHATML, "f", NULL), -EINVAL);
+    assert_null(out);
+    assert_true(cm_chat_supports_tools(CM_CHAT_CHATML));
+    assert_true(cm_chat_supports_tools(CM_CHAT_LLAMA3));
+    assert_false(cm_chat_supports_tools(CM_CHAT_LLAMA2));
+    assert_false(cm_chat_supports_tools(CM_CHAT_UNKNOWN));
+}
+
+static void
+test_chat_render_tools_errors(void **state)
+{
+    (void)state;
+    /* tools_json that is not a JSON array of objects. */
+    static const char *const bad_tools[] = {
+        "{}", "[1]", "[{}, null]", "[{}] x", "[{},", "not json", "", "null", "1", "[{}]]",
+    };
+    for (int i = 0; i < N_OF(bad_tools); i++) {
+        assert_int_equal(render_ex_rc(CM_CHAT_CHATML, bad_tools[i], conv_hello, 1), -EINVAL);
+        assert_int_equal(render_ex_rc(CM_CHAT_LLAMA3, bad_tools[i], conv_hello, 1), -EINVAL);
+    }
+    /* Families without a tool format: tools or calls in the history. */
+    assert_int_equal(render_ex_rc(CM_CHAT_LLAMA2, tools_json, conv_hello, 1), -ENOTSUP);
+    assert_int_equal(render_ex_rc(CM_CHAT_UNKNOWN, tools_json, conv_hello, 1), -ENOTSUP);
+    assert_int_equal(render_ex_rc(CM_CHAT_LLAMA2, NULL, conv_tools + 1, 2), -ENOTSUP);
+    assert_int_equal(render_ex_rc((enum cm_chat_family)42, tools_json, conv_hello, 1), -EINVAL);
+    /* Messages that break the rules. */
+    static const struct cm_chat_tool_call ok[] = {{.name = "f", .arguments = "{}"}};
+    static const struct cm_chat_tool_call unnamed[] = {{.name = "", .arguments = "{}"}};
+    static const struct cm_chat_tool_call null_name[] = {{.arguments = "{}"}};
+    const struct cm_chat_msg tool_no_content[] = {MSG("user", "a"), MSG("tool", NULL)};
+    const struct cm_chat_msg asst_no_content[] = {MSG("user", "a"), MSG("assistant", NULL)};
+    const struct cm_chat_msg neg_calls[] = {
+        {.role = "assistant", .content = "x", .tool_calls = ok, .n_tool_calls = -1}};
+    const struct cm_chat_msg null_calls[] = {{.role = "assistant", .n_tool_calls = 1}};
+    const struct cm_chat_msg user_calls[] = {
+        {.role = "user", .content = "x", .tool_calls = ok, .n_tool_calls = 1}};
+    const struct cm_chat_msg empty_name[] = {
+        {.role = "assistant", .tool_calls = unnamed, .n_tool_calls = 1}};
+    const struct cm_chat_msg no_name[] = {
+        {.role = "assistant", .tool_calls = null_name, .n_tool_calls = 1}};
+    for (enum cm_chat_family f = CM_CHAT_CHATML; f <= CM_CHAT_LLAMA3; f++) {
+        assert_int_equal(render_ex_rc(f, tools_json, tool_no_content, 2), -EINVAL);
+        assert_int_equal(render_ex_rc(f, tools_json, asst_no_content, 2), -EINVAL);
+        assert_int_equal(render_ex_rc(f, NULL, neg_calls, 1), -EINVAL);
+        assert_int_equal(render_ex_rc(f, NULL, null_calls, 1), -EINVAL);
+        assert_int_equal(render_ex_rc(f, NULL, user_calls, 1), -EINVAL);
+        assert_int_equal(render_ex_rc(f, NULL, empty_name, 1), -EINVAL);
+        assert_int_equal(render_ex_rc(f, NULL, no_name, 1), -EINVAL);
+    }
+    /* The old entry point keeps rejecting NULL content. */
+    char *out = NULL;
+    assert_int_equal(cm_chat_render(CM_CHAT_CHATML, NULL, asst_no_content, 2, true, &out), -EINVAL);
+    assert_null(out);
+}
+
 /* A long conversation grows the buffer many times; the result is exact. */
 static void
 test_chat_render_long(void **state)
@@ -493,6 +789,11 @@ main(void)
         cmocka_unit_test(test_chat_render_llama2_alternation),
         cmocka_unit_test(test_chat_render_errors),
         cmocka_unit_test(test_chat_render_long),
+        cmocka_unit_test(test_chat_render_tools_chatml),
+        cmocka_unit_test(test_chat_render_tools_without_system),
+        cmocka_unit_test(test_chat_render_tools_llama3),
+        cmocka_unit_test(test_chat_tool_prefix),
+        cmocka_unit_test(test_chat_render_tools_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

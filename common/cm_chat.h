@@ -53,7 +53,9 @@
  *
  * Known gaps: Llama 3.1+ templates (they always emit a system header with "Cutting Knowledge Date")
  * are detected as CM_CHAT_LLAMA3 and rendered in the 3.0 form, without their own tool format;
- * Mistral "[INST]" templates without "<<SYS>>" are CM_CHAT_UNKNOWN.
+ * Mistral "[INST]" templates without "<<SYS>>" are CM_CHAT_UNKNOWN. JSON goes through json-c,
+ * which accepts single-quoted strings (rendered double-quoted), clamps integers outside the 64-bit
+ * range, and keeps numbers as written where json.dumps would reformat them (1e5, 1.50).
  */
 #ifndef CM_CHAT_H
 #define CM_CHAT_H

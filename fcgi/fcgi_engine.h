@@ -68,4 +68,8 @@ int fcgi_engine_next(struct fcgi_engine_conn *c, struct cm_wire_frame *out);
  * -ENOMEM. For /health and /metrics. */
 int fcgi_engine_stats(struct fcgi_engine *e, char **json_out);
 
+/* For tests: replaces the monotonic clock of the backoff (nanoseconds; NULL: cm_now_ns). Call
+ * before the engine is shared between threads. */
+void fcgi_engine_set_clock(struct fcgi_engine *e, uint64_t (*now_ns)(void));
+
 #endif

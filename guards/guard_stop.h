@@ -48,9 +48,11 @@ void guard_stop_free(struct guard_stop *s);
 int guard_stop_feed(struct guard_stop *s, const char *text, size_t n, const char **emit,
                     size_t *emit_len, bool *matched);
 
-/* End of generation without a match: returns the held-back tail (which can no longer match) in
- * *emit, *emit_len, and nothing when matched. Further feeds after a flush are treated as a new
- * continuation of the same stream. Returns 0. */
+/* End of generation: releases the held-back tail in *emit, *emit_len (nothing when already
+ * matched). The tail can still hold a complete stop string that was waiting for a longer one that
+ * could have started earlier (stops "abcd" and "bc", stream "abc"): then only the text before it
+ * is returned and the guard becomes matched; check guard_stop_matched_index() after the flush.
+ * Further feeds after a flush are treated as a new continuation of the same stream. Returns 0. */
 int guard_stop_flush(struct guard_stop *s, const char **emit, size_t *emit_len);
 
 /* Index into the stops given to guard_stop_new of the stop string that matched, or -1. */

@@ -235,18 +235,6 @@ scales16(int kt, const uint8_t *row, int64_t c, int nu_c, __m512 *dw, __m512 *mw
                                                _mm512_set1_epi32((int)0x80000000)));
 }
 
-/* Lane -> unit (within the chunk) for 64-element step v. */
-AI __m512i
-lane_units(int unit, int v)
-{
-    if (unit == 32)
-        return _mm512_set_epi32(2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1,
-                                2 * v + 1, 2 * v + 1, 2 * v, 2 * v, 2 * v, 2 * v, 2 * v, 2 * v,
-                                2 * v, 2 * v);
-    return _mm512_add_epi32(_mm512_set1_epi32(4 * v),
-                            _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
-}
-
 /* ---- Dequantization and canonical rows ---- */
 
 AI void
@@ -314,69 +302,135 @@ canon_generic(int kt, const void *src, int64_t n, uint8_t *qc, float *d, float *
     }
 }
 
+/* ---- The canonical order (the spec in matmul.c) ---- */
+
+/* y = the fixed tree over the 16 unit-class partials P_j (lane j): P_j + P_{j+8}, then + 4, + 2,
+ * + 1. */
+AI float
+tree16(__m512 p)
+{
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+/* a and b hold m units each, on 16 / m consecutive lanes of int32 partial sums: returns a's units
+ * then b's, each on half as many lanes (adjacent lanes added; exact). */
+AI __m512i
+merge_units(__m512i a, __m512i b)
+{
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b),
+                            _mm512_permutex2var_epi32(a, od, b));
+}
+
+/* The merge stack of one (row, token): level b holds the merge of 2^b steps. */
+struct mstack {
+    __m512i l[4];
+};
+
+/* Adds step vector x (step k of a chunk, k a constant after unrolling) to the merge stack: after
+ * the last of 2^n steps level n holds one unit per lane, in order. */
+AI void
+merge_push(struct mstack *st, int k, __m512i x)
+{
+    if (k & 1) {
+        x = merge_units(st->l[0], x);
+        if (k & 2) {
+            x = merge_units(st->l[1], x);
+            if (k & 4) {
+                st->l[3] = merge_units(st->l[2], x);
+                return;
+            }
+            st->l[2] = x;
+            return;
+        }
+        st->l[1] = x;
+        return;
+    }
+    st->l[0] = x;
+}
+
+/* One chunk of 16 units of a (row, token): P = fma(isum, dw * da, P), then fma(mw, s, P) for the
+ * types with a min, on the chunk's lanes only (um). */
+AI __m512
+chunk_update(__m512 p, __m512i isum, __m512 dw, __m512 da, __m512 mw, __m512 s, int has_min,
+             __mmask16 um)
+{
+    p = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), p, um);
+    if (has_min)
+        p = _mm512_mask3_fmadd_ps(mw, s, p, um);
+    return p;
+}
+
 /* ---- Small-batch kernel ---- */
 
-/* R rows x T tokens (R * T <= 4); y points at y[t0 * n_out + r]. */
+/* R rows x T tokens (R * T <= 4); y points at y[t0 * n_out + r]. Per chunk of 16 units, the
+ * vpdpbusd partials of its 64-element steps (8 steps for unit 32, 4 for unit 16, units on
+ * consecutive lanes) are merged into one unit per lane, then scaled once. */
 AI void
 dot_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_act *a, int t0,
          int R, int T, float *y)
 {
     const int unit = kt_unit(kt), has_min = kt_has_min(kt), has_off = kt_off(kt) != 0;
+    const int steps = unit / 4, lv = unit == 32 ? 3 : 2;
     const int64_t nu = a->n_units, n_in = a->n_in;
     const uint8_t *rows[4];
-    __m512 accf[4][4], accm[4][4];
+    __m512 acc[4][4];
 #pragma GCC unroll 4
     for (int i = 0; i < R; i++) {
         rows[i] = (const uint8_t *)w->data + (r + i) * (int64_t)w->row_bytes;
 #pragma GCC unroll 4
-        for (int t = 0; t < T; t++) {
-            accf[i][t] = _mm512_setzero_ps();
-            accm[i][t] = _mm512_setzero_ps();
-        }
+        for (int t = 0; t < T; t++)
+            acc[i][t] = _mm512_setzero_ps();
     }
     for (int64_t c = 0; c * 16 < nu; c++) {
         int nu_c = (int)(nu - c * 16 < 16 ? nu - c * 16 : 16);
         __mmask16 um = (__mmask16)((1u << nu_c) - 1);
-        __m512 sv[4][4];
+        int64_t ec = c * 16 * unit;
+        struct mstack stk[4][4];
+#pragma GCC unroll 8
+        for (int v = 0; v < steps; v++) {
+            int live = v * 64 < nu_c * unit, half = nu_c * unit - v * 64 < 64;
+            int64_t e = ec + 64 * v;
+            __m512i av[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                const int8_t *q = a->q + (int64_t)(t0 + t) * n_in + e;
+                av[t] = !live  ? _mm512_setzero_si512()
+                        : half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q)
+                               : _mm512_loadu_si512((const void *)q);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                __m512i wv = live ? unpack64(kt, rows[i], e, half) : _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++)
+                    merge_push(&stk[i][t], v,
+                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av[t]));
+            }
+        }
+        __m512 da[4], sa[4];
+        __m512i corr[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
+            da[t] = _mm512_maskz_loadu_ps(um, a->d + ut);
+            sa[t] = has_min ? _mm512_maskz_loadu_ps(um, a->s + ut) : _mm512_setzero_ps();
+            corr[t] = has_off ? _mm512_maskz_loadu_epi32(um, a->corr + ut) : _mm512_setzero_si512();
+        }
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             __m512 dw, mw;
             scales16(kt, rows[i], c, nu_c, &dw, &mw);
 #pragma GCC unroll 4
             for (int t = 0; t < T; t++) {
-                int64_t ut = (int64_t)(t0 + t) * nu + c * 16;
-                sv[i][t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(um, a->d + ut));
-                if (has_min)
-                    accm[i][t] =
-                        _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(um, a->s + ut), accm[i][t]);
-            }
-        }
-        int64_t ec = c * 16 * unit;
-        for (int v = 0; v * 64 < nu_c * unit; v++) {
-            int half = nu_c * unit - v * 64 < 64;
-            int64_t e = ec + 64 * v;
-            __m512i iu = lane_units(unit, v);
-            __m512i av[4], a0[4];
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) {
-                const int8_t *q = a->q + (int64_t)(t0 + t) * n_in + e;
-                const int32_t *dc = a->dcorr + (int64_t)(t0 + t) * (n_in / 4) + e / 4;
-                av[t] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q)
-                             : _mm512_loadu_si512((const void *)q);
-                a0[t] = _mm512_setzero_si512();
+                __m512i is = stk[i][t].l[lv];
                 if (has_off)
-                    a0[t] = half ? _mm512_maskz_loadu_epi32(0xFF, dc)
-                                 : _mm512_loadu_si512((const void *)dc);
-            }
-#pragma GCC unroll 4
-            for (int i = 0; i < R; i++) {
-                __m512i wv = unpack64(kt, rows[i], e, half);
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    __m512i acc = _mm512_dpbusd_epi32(a0[t], wv, av[t]);
-                    accf[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
-                                                 _mm512_permutexvar_ps(iu, sv[i][t]), accf[i][t]);
-                }
+                    is = _mm512_add_epi32(is, corr[t]);
+                acc[i][t] = chunk_update(acc[i][t], is, dw, da[t], mw, sa[t], has_min, um);
             }
         }
     }
@@ -384,41 +438,7 @@ dot_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_a
     for (int t = 0; t < T; t++)
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++)
-            y[(int64_t)t * w->n_out + i] =
-                _mm512_reduce_add_ps(_mm512_add_ps(accf[i][t], accm[i][t]));
-}
-
-AI void
-rows_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
-{
-    const struct kern_matrix *w = mm->w;
-    for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
-        int nt = mm->n_tok - t0 < 4 ? mm->n_tok - t0 : 4;
-        float *y = mm->y + (int64_t)t0 * w->n_out;
-        int64_t r = r0;
-        switch (nt) {
-        case 1:
-            for (; r + 4 <= r1; r += 4)
-                dot_tile(kt, w, r, mm->act, t0, 4, 1, y + r);
-            for (; r < r1; r++)
-                dot_tile(kt, w, r, mm->act, t0, 1, 1, y + r);
-            break;
-        case 2:
-            for (; r + 2 <= r1; r += 2)
-                dot_tile(kt, w, r, mm->act, t0, 2, 2, y + r);
-            for (; r < r1; r++)
-                dot_tile(kt, w, r, mm->act, t0, 1, 2, y + r);
-            break;
-        case 3:
-            for (; r < r1; r++)
-                dot_tile(kt, w, r, mm->act, t0, 1, 3, y + r);
-            break;
-        default:
-            for (; r < r1; r++)
-                dot_tile(kt, w, r, mm->act, t0, 1, 4, y + r);
-            break;
-        }
-    }
+            y[(int64_t)t * w->n_out + i] = tree16(acc[i][t]);
 }
 
 /* ---- Large-batch kernel ---- */
@@ -445,24 +465,29 @@ bcast4(const int8_t *q, int64_t k)
     return _mm512_set1_epi32(v);
 }
 
+/* The canonical order with rows on lanes: units in order, the partial P_j of unit class j = u % 16
+ * of every (row group, token) kept in part (L1), then the tree of tree16 over the 16 partials. */
 AI void
 batch_tile(int unit, int has_min, int has_off, const struct itile *it, const struct kern_cpu_act *a,
            int t0, int nt, float *y, int64_t n_out, __mmask16 rm0, __mmask16 rm1)
 {
     const int64_t nu = a->n_units, n_in = a->n_in;
     const int steps = unit / 4;
-    __m512 accf[2][BT_TOK];
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++) {
-        accf[0][t] = _mm512_setzero_ps();
-        accf[1][t] = _mm512_setzero_ps();
-    }
+    __m512 part[16][2][BT_TOK];
     const int8_t *q[BT_TOK];
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         q[t] = a->q + (int64_t)(t0 + t) * n_in;
+    for (int64_t j = nu; j < 16; j++)
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++) {
+            part[j][0][t] = _mm512_setzero_ps();
+            part[j][1][t] = _mm512_setzero_ps();
+        }
     for (int64_t u = 0; u < nu; u++) {
+        const int j = (int)(u & 15);
         __m512i acc[2][BT_TOK];
+        __m512 accf[2][BT_TOK];
 #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             __m512i c0 = has_off ? _mm512_set1_epi32(a->corr[(int64_t)(t0 + t) * nu + u])
@@ -480,6 +505,19 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
                 __m512i av = bcast4(q[t], u * steps + k);
                 acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], wv0, av);
                 acc[1][t] = _mm512_dpbusd_epi32(acc[1][t], wv1, av);
+            }
+        }
+        if (u < 16) {
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++) {
+                accf[0][t] = _mm512_setzero_ps();
+                accf[1][t] = _mm512_setzero_ps();
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++) {
+                accf[0][t] = part[j][0][t];
+                accf[1][t] = part[j][1][t];
             }
         }
         __m512 dw0 = _mm512_load_ps(it->d[0] + u * 16), dw1 = _mm512_load_ps(it->d[1] + u * 16);
@@ -500,11 +538,28 @@ batch_tile(int unit, int has_min, int has_off, const struct itile *it, const str
                 accf[1][t] = _mm512_fmadd_ps(mw1, sa, accf[1][t]);
             }
         }
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++) {
+            part[j][0][t] = accf[0][t];
+            part[j][1][t] = accf[1][t];
+        }
     }
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
-        _mm512_mask_storeu_ps(y + (int64_t)t * n_out, rm0, accf[0][t]);
-        _mm512_mask_storeu_ps(y + (int64_t)t * n_out + 16, rm1, accf[1][t]);
+#pragma GCC unroll 2
+        for (int g = 0; g < 2; g++) {
+            __m512 h[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                h[j] = _mm512_add_ps(part[j][g][t], part[j + 8][g][t]);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++)
+                h[j] = _mm512_add_ps(h[j], h[j + 4]);
+            h[0] = _mm512_add_ps(h[0], h[2]);
+            h[1] = _mm512_add_ps(h[1], h[3]);
+            h[0] = _mm512_add_ps(h[0], h[1]);
+            _mm512_mask_storeu_ps(y + (int64_t)t * n_out + 16 * g, g ? rm1 : rm0, h[0]);
+        }
     }
 }
 
@@ -775,31 +830,23 @@ rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,
 
 /*
  * These read blocks in place: a group of 4 (Q4) or 2 (Q8_0) consecutive blocks is loaded with two
- * (masked) loads, vpermt2w gathers the quant bytes and vpermw the fp16 scales, so lanes 4j..4j+3
- * (Q4) or 8j..8j+7 (Q8_0) all belong to block j and one int accumulator covers the whole group.
- * The activations are re-laid out per group to match (act->prep, one layout per token):
- *   Q4_0/Q4_1, 256 bytes per 4 blocks: lo[64] = elements 0..15 of each block, hi[64] = 16..31,
- *              da[16] (lanes 4j..4j+3: d of block j), x[16]: lane 4j holds, for Q4_1, the f32 s of
- *              block j and, for Q4_0, the int32 corr of block j; other lanes 0.
- *   Q8_0,      192 bytes per 2 blocks: q[64], corr[16] (int32, lane 8j), da[16] (lanes 8j..8j+7).
- * Blocks past the end of the row are zero in the layout and masked off on the weight side.
+ * (masked) loads and vpermt2w gathers the quant bytes, so lanes 4j..4j+3 (Q4) or 8j..8j+7 (Q8_0)
+ * all belong to block j of the group. The groups of a chunk of 16 blocks are merged into one block
+ * per lane (merge_units) and scaled once per chunk, in the canonical order; vpermw puts each
+ * group's fp16 scales (and mins) on the chunk's lanes of those blocks.
+ * Q4_0/Q4_1 activations are re-laid out per group of 4 blocks (act->prep, 128 bytes per group and
+ * token): lo[64] = elements 0..15 of each block, hi[64] = elements 16..31. Q8_0 reads act->q as it
+ * is. Blocks past the end of the row are zero in the layout and masked off on the weight side.
  */
-#define G4_BYTES 256
+#define G4_BYTES 128
 #ifndef PF_BYTES
 #define PF_BYTES 4096 /* prefetch distance (rounded to whole row tiles) */
 #endif
-#define G8_BYTES 192
 
 static size_t
 prep_bytes_q4(int64_t n_in)
 {
     return (size_t)((n_in / 32 + 3) / 4) * G4_BYTES;
-}
-
-static size_t
-prep_bytes_q8(int64_t n_in)
-{
-    return (size_t)((n_in / 32 + 1) / 2) * G8_BYTES;
 }
 
 static void
@@ -809,43 +856,12 @@ prep_q4(struct kern_cpu_act *a, int t0, int t1)
     for (int t = t0; t < t1; t++) {
         uint8_t *p = a->prep + (size_t)t * a->prep_stride;
         const int8_t *q = a->q + (int64_t)t * a->n_in;
-        const float *d = a->d + (int64_t)t * nb, *s = a->s + (int64_t)t * nb;
-        const int32_t *corr = a->corr + (int64_t)t * nb;
         memset(p, 0, prep_bytes_q4(a->n_in));
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *g = p + (b / 4) * G4_BYTES;
             int j = (int)(b % 4);
             memcpy(g + 16 * j, q + 32 * b, 16);
             memcpy(g + 64 + 16 * j, q + 32 * b + 16, 16);
-            float *da = (float *)(g + 128);
-            for (int l = 0; l < 4; l++)
-                da[4 * j + l] = d[b];
-            if (a->off)
-                memcpy(g + 192 + 16 * j, &corr[b], 4);
-            else
-                memcpy(g + 192 + 16 * j, &s[b], 4);
-        }
-    }
-}
-
-static void
-prep_q8(struct kern_cpu_act *a, int t0, int t1)
-{
-    const int64_t nb = a->n_in / 32;
-    for (int t = t0; t < t1; t++) {
-        uint8_t *p = a->prep + (size_t)t * a->prep_stride;
-        const int8_t *q = a->q + (int64_t)t * a->n_in;
-        const float *d = a->d + (int64_t)t * nb;
-        const int32_t *corr = a->corr + (int64_t)t * nb;
-        memset(p, 0, prep_bytes_q8(a->n_in));
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t *g = p + (b / 2) * G8_BYTES;
-            int j = (int)(b % 2);
-            memcpy(g + 32 * j, q + 32 * b, 32);
-            memcpy(g + 64 + 32 * j, &corr[b], 4);
-            float *da = (float *)(g + 128);
-            for (int l = 0; l < 8; l++)
-                da[8 * j + l] = d[b];
         }
     }
 }
@@ -856,33 +872,32 @@ byte_mask(int n)
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
 }
 
-/* Word indices: quant bytes of 4 Q4 blocks (16 bytes each) or 2 Q8_0 blocks (32 bytes each), and
- * the scales spread over lanes (d in words 0..15, m in 16..31). */
+/* Word indices into a group's first 64 bytes: which = 0, the quant bytes of 4 Q4 blocks (16 bytes
+ * each) or 2 Q8_0 blocks (32 bytes each); which = 1, the scales for the chunk's lanes (word l, l <
+ * 16: d of block l % blocks-per-group; word 16 + l: its m, Q4_1). */
 AI __m512i
 idx_words(int kt, int which)
 {
-    const int bs = kt_bs(kt), qoff = kt == KT_Q4_1 ? 4 : 2;
+    const int bs = kt_bs(kt), qoff = kt == KT_Q4_1 ? 4 : 2, gb = kt == KT_Q8_0 ? 2 : 4;
     uint16_t idx[32];
     for (int i = 0; i < 32; i++) {
         if (which == 0) /* quant bytes */
             idx[i] = (uint16_t)(kt == KT_Q8_0 ? (i / 16) * (bs / 2) + 1 + i % 16
                                               : (i / 8) * (bs / 2) + qoff / 2 + i % 8);
-        else if (kt == KT_Q8_0)
-            idx[i] = (uint16_t)((i % 16) / 8 * (bs / 2));
         else
-            idx[i] = (uint16_t)((i % 16) / 4 * (bs / 2) + i / 16);
+            idx[i] = (uint16_t)((i % 16) % gb * (bs / 2) + i / 16);
     }
     return _mm512_loadu_si512((const void *)idx);
 }
 
-/* R rows x T tokens of a Q4_0/Q4_1/Q8_0 matrix; y points at y[t0 * n_out + r]. */
+/* R rows x T tokens (R * T <= 4) of a Q4_0/Q4_1/Q8_0 matrix; y points at y[t0 * n_out + r]. */
 AI void
 fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_act *a, int t0,
           int R, int T, float *y)
 {
-    const int bs = kt_bs(kt), q8 = kt == KT_Q8_0, gb = q8 ? 2 : 4;
-    const int64_t nb = w->n_in / 32, ng = (nb + gb - 1) / gb;
-    const size_t gbytes = q8 ? G8_BYTES : G4_BYTES;
+    const int bs = kt_bs(kt), q8 = kt == KT_Q8_0, gb = q8 ? 2 : 4, gpc = 16 / gb;
+    const int lv = q8 ? 3 : 2, has_min = kt == KT_Q4_1;
+    const int64_t nb = w->n_in / 32, n_in = w->n_in;
     const __m512i iq = idx_words(kt, 0), is = idx_words(kt, 1);
     const __m512i m0f = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char)0x80);
     const uint8_t *rows[4];
@@ -895,54 +910,92 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
         for (int t = 0; t < T; t++)
             acc[i][t] = _mm512_setzero_ps();
     }
-    for (int64_t g = 0; g < ng; g++) {
-        int nbg = (int)(nb - g * gb < gb ? nb - g * gb : gb);
-        __mmask64 m0 = byte_mask(nbg * bs), m1 = byte_mask(nbg * bs - 64);
-        __mmask16 lm = (__mmask16)(nbg == gb ? 0xFFFF : (1u << (16 / gb * nbg)) - 1);
-        const uint8_t *p[4];
+    for (int64_t c = 0; c * 16 < nb; c++) {
+        int nb_c = (int)(nb - c * 16 < 16 ? nb - c * 16 : 16);
+        __mmask16 um = (__mmask16)((1u << nb_c) - 1);
+        struct mstack stk[4][4];
+        __m512i sc[4];
 #pragma GCC unroll 8
-        for (int t = 0; t < T; t++)
-            p[t] = a->prep + (size_t)(t0 + t) * a->prep_stride + (size_t)g * gbytes;
-        /* Rows are contiguous: fetch the tile about PF_BYTES ahead at the pace this one is read,
-         * as the hardware prefetchers stop at page boundaries. */
-        const uint8_t *pf = rows[0] + pf_rows * (int64_t)w->row_bytes + g * gb * bs * R;
-        for (int l = 0; l < gb * bs * R; l += 64)
-            _mm_prefetch((const char *)(pf + l), _MM_HINT_T0);
+        for (int i = 0; i < R; i++)
+            sc[i] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-        for (int i = 0; i < R; i++) {
-            const uint8_t *base = rows[i] + g * gb * bs;
-            __m512i z0 = _mm512_maskz_loadu_epi8(m0, base);
-            __m512i z1 = _mm512_maskz_loadu_epi8(m1, base + 64);
-            __m512i qs = _mm512_permutex2var_epi16(z0, iq, z1);
-            __m512i sc = _mm512_permutexvar_epi16(is, z0);
-            __m512 dw = _mm512_maskz_cvtph_ps(lm, _mm512_castsi512_si256(sc));
-            if (q8) {
-                __m512i wq = _mm512_xor_si512(qs, x80);
+        for (int k = 0; k < gpc; k++) {
+            int nbg = nb_c - k * gb < gb ? nb_c - k * gb : gb;
+            int64_t g = c * gpc + k;
+            if (nbg <= 0) {
 #pragma GCC unroll 8
-                for (int t = 0; t < T; t++) {
-                    __m512i ai = _mm512_load_si512((const void *)(p[t] + 64));
-                    ai = _mm512_dpbusd_epi32(ai, wq, _mm512_load_si512((const void *)p[t]));
-                    __m512 sv = _mm512_mul_ps(dw, _mm512_load_ps((const float *)(p[t] + 128)));
-                    acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), sv, acc[i][t]);
-                }
+                for (int i = 0; i < R; i++)
+#pragma GCC unroll 8
+                    for (int t = 0; t < T; t++)
+                        merge_push(&stk[i][t], k, _mm512_setzero_si512());
                 continue;
             }
-            __m512i lo = _mm512_and_si512(qs, m0f);
-            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
-            __m512 mw = _mm512_setzero_ps();
-            if (kt == KT_Q4_1)
-                mw = _mm512_maskz_cvtph_ps(lm, _mm512_extracti64x4_epi64(sc, 1));
+            __mmask64 m0 = byte_mask(nbg * bs), m1 = byte_mask(nbg * bs - 64);
+            __mmask32 smask = (__mmask32)(((1u << gb) - 1) << (k * gb));
+            if (has_min)
+                smask |= smask << 16;
+            __m512i al[4], ah[4];
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                __m512i ai = kt == KT_Q4_0 ? _mm512_load_si512((const void *)(p[t] + 192))
-                                           : _mm512_setzero_si512();
-                ai = _mm512_dpbusd_epi32(ai, lo, _mm512_load_si512((const void *)p[t]));
-                ai = _mm512_dpbusd_epi32(ai, hi, _mm512_load_si512((const void *)(p[t] + 64)));
-                __m512 sv = _mm512_mul_ps(dw, _mm512_load_ps((const float *)(p[t] + 128)));
-                acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), sv, acc[i][t]);
-                if (kt == KT_Q4_1)
-                    acc[i][t] =
-                        _mm512_fmadd_ps(mw, _mm512_load_ps((const float *)(p[t] + 192)), acc[i][t]);
+                if (q8) {
+                    al[t] = _mm512_maskz_loadu_epi8(byte_mask(nbg * 32),
+                                                    a->q + (int64_t)(t0 + t) * n_in + g * 64);
+                } else {
+                    const uint8_t *p =
+                        a->prep + (size_t)(t0 + t) * a->prep_stride + (size_t)g * G4_BYTES;
+                    al[t] = _mm512_load_si512((const void *)p);
+                    ah[t] = _mm512_load_si512((const void *)(p + 64));
+                }
+            }
+            /* Rows are contiguous: fetch the tile about PF_BYTES ahead at the pace this one is
+             * read, as the hardware prefetchers stop at page boundaries. */
+            const uint8_t *pf = rows[0] + pf_rows * (int64_t)w->row_bytes + g * gb * bs * R;
+            for (int l = 0; l < gb * bs * R; l += 64)
+                _mm_prefetch((const char *)(pf + l), _MM_HINT_T0);
+#pragma GCC unroll 8
+            for (int i = 0; i < R; i++) {
+                const uint8_t *base = rows[i] + g * gb * bs;
+                __m512i z0 = _mm512_maskz_loadu_epi8(m0, base);
+                __m512i z1 = _mm512_maskz_loadu_epi8(m1, base + 64);
+                __m512i qs = _mm512_permutex2var_epi16(z0, iq, z1);
+                sc[i] = _mm512_mask_permutexvar_epi16(sc[i], smask, is, z0);
+                if (q8) {
+                    __m512i wq = _mm512_xor_si512(qs, x80);
+#pragma GCC unroll 8
+                    for (int t = 0; t < T; t++)
+                        merge_push(&stk[i][t], k,
+                                   _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, al[t]));
+                    continue;
+                }
+                __m512i lo = _mm512_and_si512(qs, m0f);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    __m512i ai = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, al[t]);
+                    merge_push(&stk[i][t], k, _mm512_dpbusd_epi32(ai, hi, ah[t]));
+                }
+            }
+        }
+        __m512 da[4], sa[4];
+        __m512i corr[4];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            int64_t ut = (int64_t)(t0 + t) * nb + c * 16;
+            da[t] = _mm512_maskz_loadu_ps(um, a->d + ut);
+            sa[t] = has_min ? _mm512_maskz_loadu_ps(um, a->s + ut) : _mm512_setzero_ps();
+            corr[t] = has_min ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi32(um, a->corr + ut);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) {
+            __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(sc[i]));
+            __m512 mw = has_min ? _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc[i], 1))
+                                : _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                __m512i isum = stk[i][t].l[lv];
+                if (!has_min)
+                    isum = _mm512_add_epi32(isum, corr[t]);
+                acc[i][t] = chunk_update(acc[i][t], isum, dw, da[t], mw, sa[t], has_min, um);
             }
         }
     }
@@ -950,11 +1003,24 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
     for (int t = 0; t < T; t++)
 #pragma GCC unroll 8
         for (int i = 0; i < R; i++)
-            y[(int64_t)t * w->n_out + i] = _mm512_reduce_add_ps(acc[i][t]);
+            y[(int64_t)t * w->n_out + i] = tree16(acc[i][t]);
 }
 
+/* Q4_0, Q4_1 and Q8_0 have their block-group kernel, the other types the generic one. */
 AI void
-rows_fast(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
+tile_any(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_act *a, int t0,
+         int R, int T, float *y)
+{
+    if (kt == KT_Q4_0 || kt == KT_Q4_1 || kt == KT_Q8_0)
+        fast_tile(kt, w, r, a, t0, R, T, y);
+    else
+        dot_tile(kt, w, r, a, t0, R, T, y);
+}
+
+/* Tiles of 4 rows x 1 token, 2 x 2, or 1 row x 3 or 4 tokens (the accumulators and merge stacks of
+ * larger tiles would not fit in the registers). */
+AI void
+rows_tiled(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
 {
     const struct kern_matrix *w = mm->w;
     for (int t0 = 0; t0 < mm->n_tok; t0 += 4) {
@@ -964,43 +1030,27 @@ rows_fast(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
         switch (nt) {
         case 1:
             for (; r + 4 <= r1; r += 4)
-                fast_tile(kt, w, r, mm->act, t0, 4, 1, y + r);
+                tile_any(kt, w, r, mm->act, t0, 4, 1, y + r);
             for (; r < r1; r++)
-                fast_tile(kt, w, r, mm->act, t0, 1, 1, y + r);
+                tile_any(kt, w, r, mm->act, t0, 1, 1, y + r);
             break;
         case 2:
-            for (; r + 4 <= r1; r += 4)
-                fast_tile(kt, w, r, mm->act, t0, 4, 2, y + r);
+            for (; r + 2 <= r1; r += 2)
+                tile_any(kt, w, r, mm->act, t0, 2, 2, y + r);
             for (; r < r1; r++)
-                fast_tile(kt, w, r, mm->act, t0, 1, 2, y + r);
+                tile_any(kt, w, r, mm->act, t0, 1, 2, y + r);
             break;
         case 3:
-            for (; r + 4 <= r1; r += 4)
-                fast_tile(kt, w, r, mm->act, t0, 4, 3, y + r);
             for (; r < r1; r++)
-                fast_tile(kt, w, r, mm->act, t0, 1, 3, y + r);
+                tile_any(kt, w, r, mm->act, t0, 1, 3, y + r);
             break;
         default:
-            for (; r + 4 <= r1; r += 4)
-                fast_tile(kt, w, r, mm->act, t0, 4, 4, y + r);
             for (; r < r1; r++)
-                fast_tile(kt, w, r, mm->act, t0, 1, 4, y + r);
+                tile_any(kt, w, r, mm->act, t0, 1, 4, y + r);
             break;
         }
     }
 }
-
-#define DEFINE_FAST(name, kt)                                                                      \
-    static void rows_fast_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,             \
-                                 void *scratch)                                                    \
-    {                                                                                              \
-        (void)scratch;                                                                             \
-        rows_fast(kt, mm, r0, r1);                                                                 \
-    }
-
-DEFINE_FAST(q4_0, KT_Q4_0)
-DEFINE_FAST(q4_1, KT_Q4_1)
-DEFINE_FAST(q8_0, KT_Q8_0)
 
 /* ---- Float weights ---- */
 
@@ -1059,7 +1109,7 @@ float_tile(const float *rows, int64_t ld, const float *x, int64_t n, int R, int 
     for (int t = 0; t < T; t++)
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++)
-            y[(int64_t)t * n_out + i] = _mm512_reduce_add_ps(acc[i][t]);
+            y[(int64_t)t * n_out + i] = tree16(acc[i][t]);
 }
 
 /* Float weights: R rows at a time as f32 (converted into scratch unless F32), tokens by 4. */
@@ -1208,12 +1258,12 @@ act_quant(const float *x, struct kern_cpu_act *a, int blk, int t0, int t1)
         rows_batch_generic(kt, mm, r0, r1, scratch);                                               \
     }
 
-/* The generic small-batch kernel, for the types without a block-group kernel. */
+/* The small-batch kernels (rows_tiled picks the block-group kernel or the generic one). */
 #define DEFINE_ROWS(name, kt)                                                                      \
     static void rows_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1, void *scratch)   \
     {                                                                                              \
         (void)scratch;                                                                             \
-        rows_generic(kt, mm, r0, r1);                                                              \
+        rows_tiled(kt, mm, r0, r1);                                                                \
     }
 
 DEFINE_TYPE(q4_0, KT_Q4_0)
@@ -1224,8 +1274,11 @@ DEFINE_TYPE(q8_0, KT_Q8_0)
 DEFINE_TYPE(q4_k, KT_Q4_K)
 DEFINE_TYPE(q5_k, KT_Q5_K)
 DEFINE_TYPE(q6_k, KT_Q6_K)
+DEFINE_ROWS(q4_0, KT_Q4_0)
+DEFINE_ROWS(q4_1, KT_Q4_1)
 DEFINE_ROWS(q5_0, KT_Q5_0)
 DEFINE_ROWS(q5_1, KT_Q5_1)
+DEFINE_ROWS(q8_0, KT_Q8_0)
 DEFINE_ROWS(q4_k, KT_Q4_K)
 DEFINE_ROWS(q5_k, KT_Q5_K)
 DEFINE_ROWS(q6_k, KT_Q6_K)
@@ -1233,12 +1286,12 @@ DEFINE_ROWS(q6_k, KT_Q6_K)
 #define QUANT_ENTRY(name)                                                                          \
     {                                                                                              \
         .dequant = dequant_##name, .canon = canon_##name, .rows = rows_##name,                     \
-        .rows_batch = rows_batch_##name, .dcorr = true                                             \
+        .rows_batch = rows_batch_##name                                                            \
     }
 
 #define FAST_ENTRY(name, grp)                                                                      \
     {                                                                                              \
-        .dequant = dequant_##name, .canon = canon_##name, .rows = rows_fast_##name,                \
+        .dequant = dequant_##name, .canon = canon_##name, .rows = rows_##name,                     \
         .rows_batch = rows_batch_##name, .prep_bytes = prep_bytes_##grp, .prep = prep_##grp        \
     }
 
@@ -1250,7 +1303,7 @@ static const struct kern_cpu_type_ops avx512_types[KERN_DTYPE_COUNT] = {
     [KERN_DTYPE_Q4_1] = FAST_ENTRY(q4_1, q4),
     [KERN_DTYPE_Q5_0] = QUANT_ENTRY(q5_0),
     [KERN_DTYPE_Q5_1] = QUANT_ENTRY(q5_1),
-    [KERN_DTYPE_Q8_0] = FAST_ENTRY(q8_0, q8),
+    [KERN_DTYPE_Q8_0] = QUANT_ENTRY(q8_0),
     [KERN_DTYPE_Q4_K] = QUANT_ENTRY(q4_k),
     [KERN_DTYPE_Q5_K] = QUANT_ENTRY(q5_k),
     [KERN_DTYPE_Q6_K] = QUANT_ENTRY(q6_k),

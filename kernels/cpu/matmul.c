@@ -4,7 +4,7 @@
  * ---- Activation quantization: the exact spec (tests/ and a numpy reference re-implement it) ----
  *
  * Float weights (F32, F16, BF16): activations stay f32; each output is the f32 sum of f32 products
- * (the SIMD kernels sum in a different order).
+ * (order below).
  *
  * Quantized weights: each activation row is cut into blocks of blk elements, blk = 32 for Q4_0,
  * Q4_1, Q5_0, Q5_1, Q8_0 and blk = 256 for Q4_K, Q5_K, Q6_K. Per block:
@@ -16,10 +16,33 @@
  * The weights are seen per scale unit of 32 elements (16 for Q6_K) as x_w = dw * (qc - off) + mw
  * with integer qc (cpu_int.h: canonical form; for the K-quants dw = d * sc_j and mw = -dmin *
  * mn_j). Per unit u the activation side keeps d (the d of the block holding u), s = d * sum(q over
- * u) (f32) and the integer sum of q over u. The output is y = sum over units u, in order, of (dw_u
- * * d_u) * isum_u + mw_u * s_u      (f32) isum_u = sum over the unit of (qc - off) * q (exact
- * integer) which is the usual ggml scheme: integer accumulation inside a unit, f32 across units.
- * SIMD kernels compute the same isum_u exactly and differ only in the order of the f32 sums.
+ * u) (f32) and the integer sum of q over u. The output is y = sum over units u of (dw_u * d_u) *
+ * isum_u + mw_u * s_u (f32) with isum_u = sum over the unit of (qc - off) * q (an exact integer,
+ * whatever the order of its adds): the usual ggml scheme, integer accumulation inside a unit, f32
+ * across units.
+ *
+ * ---- Batch invariance: the exact f32 order, per ISA ----
+ *
+ * For a given ISA, y of (row, token) is bit-identical whatever n_tok, the token's place in the
+ * batch, the thread count and the row chunking: every kernel path of the ISA (small-batch and
+ * batch, every tile shape) performs the same f32 operations, in the same order, on each (row,
+ * token), and the activation quantization of a token depends on that token alone. Greedy decoding
+ * of a sequence is therefore the same alone and batched (issue 3). Orders (fma: fused, one
+ * rounding; other ops rounded each):
+ *   scalar: acc = 0; for u in order: acc = acc + ((dw_u * d_u) * isum_u + mw_u * s_u) (C
+ *           expression order; gcc -std=c11 does not contract it). Floats: acc += w_k * x_k in
+ * order. AVX2:   8 lanes; per 32 elements e0 (a unit of 32, or two units of 16 for Q6_K), lane l
+ * holds the exact integer partial ip of elements e0 + 4l .. e0 + 4l + 3 (offset included): A_l =
+ * fma(ip, dw_u * d_u, A_l); separately m = m + mw_u * s_u per unit in order (for unit 16 the first
+ * unit then the second); y = hsum8(A) + m with hsum8 = lanes (l + l+4), then (+2), then (+1).
+ * Floats: A_l = fma(w, x, A_l) over k = l mod 8 in order, then hsum8, then the n mod 8 tail in
+ * order. AVX-512: 16 unit classes j = u mod 16; P_j = 0; for u = j, j + 16, ... in order: P_j =
+ * fma(float(isum_u), dw_u * d_u, P_j), then, for the types with a min (Q4_1, Q5_1, Q4_K, Q5_K), P_j
+ * = fma(mw_u, s_u, P_j). y = tree16(P): h_j = P_j + P_{j+8} (j < 8), then h_j + h_{j+4} (j < 4),
+ * then + 2, then + 1. The small-batch kernels get one unit per lane per chunk of 16 units by exact
+ * integer lane merges (merge_units) and update the 16 lanes at once; the batch kernel has rows on
+ * lanes and keeps the 16 partials of each (row group, token) in L1. Floats: P_j = fma(w_k, x_k,
+ * P_j) over k = j mod 16 in order (the masked tail is zero), then tree16.
  *
  * ---- Work split ----
  *

@@ -206,14 +206,10 @@ def test_engine_concurrent_greedy_matches_alone(engines, client_bin, tokenizer):
         assert b["finish"] in ("length", "eos") and b["ids"], b
         check_usage_dict(b)
     differ = [i for i in solo if batch[i]["ids"] != solo[i]["ids"]]
-    if differ:
-        # Known gap, kept visible: the CPU matmul kernels sum in an order that depends on how many
-        # tokens share a forward pass, and 8-bit activation rounding amplifies that one-ulp
-        # difference, so greedy output can change with the batch. Issue 3 stays open until the
-        # kernels are batch-invariant; this test then passes the exactness checks below.
-        pytest.xfail("batched differs from alone (batch-invariant kernels: issue 3) for " +
-                     "; ".join(f"request {i} ({PROMPTS[i - 1]!r}) from token "
-                               f"{_first_diff(solo[i]['ids'], batch[i]['ids'])}" for i in differ))
+    assert not differ, ("batched differs from alone for " +
+                        "; ".join(f"request {i} ({PROMPTS[i - 1]!r}) from token "
+                                  f"{_first_diff(solo[i]['ids'], batch[i]['ids'])}"
+                                  for i in differ))
     for i in solo:
         a, b = solo[i], batch[i]
         assert b["text"] == a["text"] and b["finish"] == a["finish"], (a, b)
@@ -235,8 +231,7 @@ def test_engine_multiple_submits_on_one_connection(engines):
             r = res[10 + i]
             assert r.done is not None, r
             check_usage(r)
-        if any(res[10 + i].ids != ref[i] for i in range(3)):
-            pytest.xfail("batched differs from alone (batch-invariant kernels: issue 3)")
+            assert r.ids == ref[i], (i, r.ids, ref[i])
 
 
 # ---- Cancellation frees every block, in every state ----
@@ -490,10 +485,10 @@ def test_engine_slow_reader_does_not_slow_others(engines):
     for a, b in zip(ref, got):
         assert b.done is not None and b.done["finish"] in ("length", "eos"), (a, b)
         check_usage(b)
-    # And exactly the tokens they get alone, once the kernels are batch-invariant (see
+    # And exactly the tokens they get alone (the kernels are batch-invariant, see
     # test_engine_concurrent_greedy_matches_alone).
-    if any(b.ids != a.ids for a, b in zip(ref, got)):
-        pytest.xfail("batched differs from alone (batch-invariant kernels: issue 3)")
+    for a, b in zip(ref, got):
+        assert b.ids == a.ids, (a, b)
 
 
 # ---- Malformed frames ----

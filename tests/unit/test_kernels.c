@@ -507,6 +507,70 @@ test_kernels_matmul_simd_vs_scalar(void **state)
     kern_pool_free(pool);
 }
 
+/*
+ * Batch invariance (the spec in matmul.c): the output of a token is bit-identical whatever the
+ * batch around it, its place in the batch, the thread count and the row chunking. Every type,
+ * n_tok 1..40 (both sides of the ISA's batch_min), 1..3 threads; 300 rows give different chunk
+ * sizes per thread count and a partial last tile; n_in is not a multiple of 16 units.
+ */
+#define INV_POOL 48 /* tokens the batches are cut from */
+
+static void
+check_batch_invariant(enum kern_isa isa, struct kern_pool *const pools[3], enum kern_dtype t,
+                      uint64_t seed)
+{
+    const int64_t n_in = block_of(t) == 256 ? 768 : 608, n_out = 300;
+    struct rng r = {seed};
+    struct wmat w;
+    wmat_init(&w, &r, t, n_in, n_out);
+    float *x = malloc(sizeof(float) * (size_t)(n_in * INV_POOL));
+    float *alone = malloc(sizeof(float) * (size_t)(n_out * INV_POOL));
+    float *y = malloc(sizeof(float) * (size_t)(n_out * INV_POOL));
+    assert_non_null(x);
+    assert_non_null(alone);
+    assert_non_null(y);
+    fill_normal(&r, x, n_in * INV_POOL, 1.0f);
+    assert_int_equal(kern_cpu_set_isa(isa), 0);
+    for (int i = 0; i < INV_POOL; i++)
+        assert_int_equal(kern_matmul(pools[0], &w.m, x + i * n_in, 1, alone + i * n_out), 0);
+    for (int n_tok = 1; n_tok <= 40; n_tok++) {
+        int off = (n_tok * 7) % (INV_POOL + 1 - n_tok);
+        for (int p = 0; p < 3; p++) {
+            memset(y, 0xFF, sizeof(float) * (size_t)(n_out * n_tok));
+            assert_int_equal(kern_matmul(pools[p], &w.m, x + off * n_in, n_tok, y), 0);
+            for (int i = 0; i < n_tok; i++) {
+                const float *ya = alone + (off + i) * n_out, *yb = y + i * n_out;
+                if (memcmp(ya, yb, sizeof(float) * (size_t)n_out) == 0)
+                    continue;
+                int64_t o = 0;
+                while (memcmp(ya + o, yb + o, sizeof(float)) == 0)
+                    o++;
+                fail_msg("%s %s n_tok=%d threads=%d: token %d row %lld: %.9g batched, %.9g alone",
+                         kern_isa_name(isa), kern_dtype_traits(t)->name, n_tok, p + 1, i,
+                         (long long)o, (double)yb[o], (double)ya[o]);
+            }
+        }
+    }
+    restore_isa();
+    free(x);
+    free(alone);
+    free(y);
+    free(w.data);
+}
+
+static void
+test_kernels_matmul_batch_invariant(void **state)
+{
+    enum kern_isa isa = state_isa(state);
+    struct kern_pool *pools[3] = {NULL, NULL, NULL};
+    for (int p = 0; p < 3; p++)
+        assert_int_equal(kern_pool_new(p + 1, &pools[p]), 0);
+    for (size_t ti = 0; ti < N_TYPES; ti++)
+        check_batch_invariant(isa, pools, all_types[ti], 900 + ti);
+    for (int p = 0; p < 3; p++)
+        kern_pool_free(pools[p]);
+}
+
 /* Places n bytes so that they end where an inaccessible page begins; *base is the mapping. */
 static void *
 guarded(size_t n, void **base, size_t *len)
@@ -765,6 +829,12 @@ main(void)
         {"test_kernels_matmul_simd_vs_scalar/avx2", test_kernels_matmul_simd_vs_scalar, NULL, NULL,
          (void *)&isa_avx2},
         {"test_kernels_matmul_simd_vs_scalar/avx512", test_kernels_matmul_simd_vs_scalar, NULL,
+         NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_batch_invariant/scalar", test_kernels_matmul_batch_invariant, NULL,
+         NULL, (void *)&isa_scalar},
+        {"test_kernels_matmul_batch_invariant/avx2", test_kernels_matmul_batch_invariant, NULL,
+         NULL, (void *)&isa_avx2},
+        {"test_kernels_matmul_batch_invariant/avx512", test_kernels_matmul_batch_invariant, NULL,
          NULL, (void *)&isa_avx512},
         {"test_kernels_matmul_reads_within_bounds/scalar", test_kernels_matmul_reads_within_bounds,
          NULL, NULL, (void *)&isa_scalar},

@@ -155,3 +155,67 @@ def chatml(user, system="You are a helpful AI assistant named SmolLM, trained by
     """The SmolLM2 chat template rendered by hand for one user turn (ChatML)."""
     return (f"<|im_start|>system\n{system}<|im_end|>\n"
             f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---- The HTTP stack (llm-engine + llm-fcgi under spawn-fcgi + lighttpd), tests/integration/stack.py ----
+
+def _require_tool(name):
+    """A web server or FastCGI tool from Debian's packages (scripts/setup.sh installs them).
+    Missing under CI is a failure; on a developer machine a skip that says what to install."""
+    import shutil
+    if shutil.which(name) is None and not os.path.exists(name):
+        msg = f"{name} is not installed (scripts/setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def fcgi_bin():
+    path = BUILD / "llm-fcgi"
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: build it first (make all)")
+    for tool in ("spawn-fcgi", "lighttpd"):
+        _require_tool(tool)
+    return path
+
+
+@pytest.fixture(scope="session")
+def require_tool():
+    return _require_tool
+
+
+@pytest.fixture(scope="session")
+def api_stack(fcgi_bin, model_path):
+    """The default stack for the whole session: one engine, 2 worker processes x 8 threads
+    under spawn-fcgi, lighttpd from examples/lighttpd.conf. Tests must leave it as they found it
+    (no engine restarts or killed workers here: those tests build their own with make_stack)."""
+    from stack import Stack
+    s = Stack(name="api").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def make_stack(fcgi_bin, model_path):
+    """A factory of stacks for one test (own engine flags, worker flags, processes); each is
+    stopped and checked (exit statuses, no process left behind) at teardown."""
+    from stack import Stack
+    made = []
+
+    def make(**kw):
+        s = Stack(**kw)
+        made.append(s)
+        return s.start()
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def model_id(api_stack):
+    from stack import request
+    r = request(api_stack.url, "GET", "/v1/models")
+    assert r.status == 200, r
+    return r.json()["data"][0]["id"]

@@ -138,7 +138,11 @@ cuda:
 	@exit 2
 
 run: setup model all
-	@scripts/run.sh
+	@BUILD=$(BUILD) MODEL=$(MODEL) scripts/run.sh
+
+.PHONY: stop
+stop:
+	@BUILD=$(BUILD) scripts/stop.sh
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')

@@ -57,9 +57,9 @@ def test_health_is_ok(api_stack):
     assert r.json() == {"status": "ok"}, r
 
 
-METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*"'
-                         r'(,[a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")*,?)?\})? '
-                         r'([-+]?([0-9.]+([eE][-+]?[0-9]+)?|Inf|NaN))( [0-9]+)?$')
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:\\.|[^"\\])*"'
+METRIC_LINE = re.compile(rf'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{{(?:{LABEL}(?:,{LABEL})*,?)?\}})? '
+                         r'(?P<value>[-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|Inf|NaN))(?: -?[0-9]+)?$')
 
 
 def parse_prometheus(text):
@@ -77,7 +77,7 @@ def parse_prometheus(text):
             continue
         m = METRIC_LINE.match(line)
         assert m, f"not a Prometheus sample line: {line!r}"
-        samples.append((m.group(1), m.group(2) or "", float(m.group(8))))
+        samples.append((m["name"], m["labels"] or "", float(m["value"])))
     return types, samples
 
 
@@ -299,7 +299,7 @@ def test_stop_string_cuts_before_it_and_finishes_stop(client, model_id, stream):
     stop = _pick_stop(full)
     want = full[:full.index(stop)]
     if stream:
-        chunks = list(client.chat.completions.create(stop=[stop, "\x01never"], stream=True, **kw))
+        chunks = list(client.chat.completions.create(stop=[stop, "NEVER-IN-THE-TEXT-42"], stream=True, **kw))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices
                   and c.choices[0].finish_reason]

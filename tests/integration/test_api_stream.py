@@ -56,6 +56,8 @@ def test_events_reach_the_client_while_the_engine_generates(api_stack, model_id)
     # One event per token or close to it (only UTF-8 assembly may merge tokens).
     assert n_content >= 120, n_content
     assert set(lags) == {1, 2, 4, 8, 16, 32, 64}, lags
+    # The counter is live (a counter updated only at the end would read below the events).
+    assert min(lags.values()) >= 0, lags
     assert max(lags.values()) <= MAX_LAG, f"tokens generated beyond those received: {lags}"
 
 
@@ -181,8 +183,6 @@ def test_engine_restart_under_load_gives_503_then_recovers(make_stack, model_id)
         # While the engine is down every request is a 503 with Retry-After.
         r = request(s.url, "POST", "/v1/chat/completions", chat(model_id, max_tokens=2))
         assert r.status == 503 and int(r.headers.get("retry-after", "0")) >= 1, r
-        with lock:
-            n_before = len(statuses)
         s.start_engine()
         s.wait_health()
         # Service comes back for the load too.
@@ -193,7 +193,6 @@ def test_engine_restart_under_load_gives_503_then_recovers(make_stack, model_id)
             t.join(timeout=scaled(120))
     codes = [c for c, _ in statuses]
     assert set(codes) <= {200, 503}, codes
-    assert 503 in codes[:n_before + 4] or r.status == 503
     assert all(ra and int(ra) >= 1 for c, ra in statuses if c == 503), statuses
     assert codes[-1] == 200, codes[-10:]
     # The same worker processes, all alive: no restart was needed.

@@ -50,6 +50,7 @@ def serve_stream(stack, web, model_id, max_tokens=96):
               if c["choices"] and c["choices"][0].get("finish_reason")]
     assert finals == ["length"], finals
     assert set(lags) == {1, 2, 4, 8, 16, 32}, lags
+    assert min(lags.values()) >= 0, lags
     assert max(lags.values()) <= MAX_LAG, f"{web.name}: tokens generated beyond received {lags}"
     # Non-streaming and the other endpoints go through too.
     r = request(web.url, "GET", "/v1/models", headers=auth)

@@ -97,6 +97,8 @@ decide(const struct guard_stop *s, const char *p, size_t n, bool final, int *idx
     size_t best = n, best_len = 0, hold = n;
 
     *idx = -1;
+    if (n == 0)
+        return 0;
     for (int j = 0; j < s->n_stops; j++) {
         const char *m = memmem(p, n, s->stops[j], s->stop_len[j]);
         size_t at = m ? (size_t)(m - p) : n;
@@ -132,7 +134,8 @@ guard_stop_feed(struct guard_stop *s, const char *text, size_t n, const char **e
     if (s->match_idx >= 0)
         return 0;
     pending = s->len - s->off;
-    memmove(s->buf, s->buf + s->off, pending);
+    if (pending && s->off)
+        memmove(s->buf, s->buf + s->off, pending);
     s->len = pending;
     s->off = 0;
     if (n > s->cap - s->len) {

@@ -458,8 +458,12 @@ name_complete(struct guard_toolcall *p, size_t end)
     struct json_object *v = NULL;
     int rc = 0;
 
-    if (p->n_name != 1 || p->vkind != '"' ||
-        parse_json(p->blk + p->tok_start, end - p->tok_start, &v) < 0)
+    if (p->n_name != 1 || p->vkind != '"')
+        goto out;
+    rc = parse_json(p->blk + p->tok_start, end - p->tok_start, &v);
+    if (rc == -EINVAL)
+        rc = 0; /* a bad name, judged at the closer */
+    if (rc < 0 || !v)
         goto out;
     if (!json_object_is_type(v, json_type_string) ||
         !valid_name(json_object_get_string(v), (size_t)json_object_get_string_len(v)))

@@ -52,8 +52,9 @@
  * callbacks (use this when a guard trips). Event pointers are borrowed and valid only during the
  * callback.
  *
- * Memory: the open block is buffered (at most max_block_bytes) plus at most 10 held-back bytes.
- * Thread context: a parser belongs to one thread (one response); the functions are reentrant.
+ * Memory: the open block is buffered (at most max_block_bytes + 12) plus at most 10 held-back
+ * bytes. Thread context: a parser belongs to one thread (one response); the functions are
+ * reentrant.
  */
 #ifndef GUARD_TOOLCALL_H
 #define GUARD_TOOLCALL_H

@@ -601,6 +601,139 @@ test_guard_toolcall_json_canonical(void **state)
     }
 }
 
+/* ---- Allocation failures ----
+ * This executable replaces malloc (glibc allows it) to fail the Nth allocation made by code linked
+ * into it (the parser, not json-c's own internals, whose failures json-c reports as NULL to us
+ * anyway) and to count live blocks, json-c's included. Sanitizer and valgrind builds bring their
+ * own malloc; the test is skipped there. */
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define TC_SANITIZED 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define TC_SANITIZED 1
+#endif
+#endif
+
+#ifndef TC_SANITIZED
+void *__libc_malloc(size_t n);
+void *__libc_calloc(size_t count, size_t size);
+void *__libc_realloc(void *p, size_t n);
+void __libc_free(void *p);
+extern char __executable_start[], etext[];
+
+static struct {
+    bool on;
+    long fail_at, seen, live;
+} fi;
+
+static bool
+fi_fail(const void *caller)
+{
+    if (!fi.on || (const char *)caller < __executable_start || (const char *)caller >= etext)
+        return false;
+    return ++fi.seen == fi.fail_at;
+}
+
+void *
+malloc(size_t n)
+{
+    void *p = fi_fail(__builtin_return_address(0)) ? NULL : __libc_malloc(n);
+    fi.live += p && fi.on;
+    return p;
+}
+
+void *
+calloc(size_t count, size_t size)
+{
+    void *p = fi_fail(__builtin_return_address(0)) ? NULL : __libc_calloc(count, size);
+    fi.live += p && fi.on;
+    return p;
+}
+
+void *
+realloc(void *p, size_t n)
+{
+    void *q = fi_fail(__builtin_return_address(0)) ? NULL : __libc_realloc(p, n);
+    fi.live += !p && q && fi.on;
+    return q;
+}
+
+void
+free(void *p)
+{
+    fi.live -= p && fi.on;
+    __libc_free(p);
+}
+#endif
+
+static int
+quiet_cb(void *ctx, const struct guard_toolcall_event *ev)
+{
+    (*(int *)ctx)++;
+    (void)ev;
+    return 0;
+}
+
+/* One response through a parser and a canonicalisation; returns the first error. */
+static int
+fi_response(void)
+{
+    static const char s[] =
+        "hi <tool_call>{\"name\": \"f\", \"arguments\": {\"b\": [1, {\"y\": 2, \"x\": 3}], "
+        "\"a\": \"</tool_call>\"}}</tool_call>\n<tool_call>{\"arguments\": \"{\\\"k\\\": "
+        "{}}\", \"name\": \"g\"}</tool_call> <tool_call>{\"name\": \"h\", \"arguments\": {";
+    static const char canon_in[] = "{\"z\": [{\"b\": 1, \"a\": 2}], \"y\": \"s\"}";
+    struct guard_toolcall *p = NULL;
+    char *out = NULL;
+    int n_events = 0, rc;
+
+    rc = guard_toolcall_new(0, &p);
+    for (size_t i = 0; rc == 0 && i < sizeof(s) - 1; i += 7)
+        rc = guard_toolcall_feed(p, s + i, sizeof(s) - 1 - i < 7 ? sizeof(s) - 1 - i : 7, quiet_cb,
+                                 &n_events);
+    if (rc == 0)
+        rc = guard_toolcall_finish(p, quiet_cb, &n_events);
+    if (rc == 0 && (guard_toolcall_n_ok(p) != 2 || guard_toolcall_n_invalid(p) != 1))
+        rc = -EBADMSG; /* an allocation failure must never pass as a different result */
+    if (rc == 0)
+        rc = guard_json_canonical(canon_in, strlen(canon_in), &out);
+    if (rc == 0 && strcmp(out, "{\"y\":\"s\",\"z\":[{\"a\":2,\"b\":1}]}") != 0)
+        rc = -EBADMSG;
+    free(out);
+    guard_toolcall_free(p);
+    return rc;
+}
+
+static void
+test_guard_toolcall_allocation_failures(void **state)
+{
+    (void)state;
+#ifdef TC_SANITIZED
+    skip();
+#else
+    long n;
+    for (n = 1;; n++) {
+        fi.fail_at = n;
+        fi.seen = fi.live = 0;
+        fi.on = true;
+        int rc = fi_response();
+        long seen = fi.seen, live = fi.live;
+        fi.on = false;
+        if (live != 0)
+            fail_msg("allocation %ld failing: rc %d, %ld blocks leaked", n, rc, live);
+        if (seen < n) { /* nothing failed: the whole response went through */
+            assert_int_equal(rc, 0);
+            break;
+        }
+        assert_int_equal(rc, -ENOMEM);
+    }
+    assert_true(n > 5);
+    print_message("allocation failures injected: %ld\n", n - 1);
+#endif
+}
+
 int
 main(void)
 {
@@ -621,6 +754,7 @@ main(void)
         cmocka_unit_test(test_guard_toolcall_counts_and_indices),
         cmocka_unit_test(test_guard_toolcall_random_soup_split_invariant),
         cmocka_unit_test(test_guard_toolcall_json_canonical),
+        cmocka_unit_test(test_guard_toolcall_allocation_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

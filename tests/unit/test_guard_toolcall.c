@@ -666,7 +666,6 @@ free(void *p)
     fi.live -= p && fi.on;
     __libc_free(p);
 }
-#endif
 
 static int
 quiet_cb(void *ctx, const struct guard_toolcall_event *ev)
@@ -705,6 +704,7 @@ fi_response(void)
     guard_toolcall_free(p);
     return rc;
 }
+#endif
 
 static void
 test_guard_toolcall_allocation_failures(void **state)

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@
 
 #include "common/cm_wire.h"
 #include "fcgi/fcgi.h"
+#include "fcgi/fcgi_dump.h"
 #include "fcgi/fcgi_engine.h"
 #include "fcgi/fcgi_gen.h"
 #include "fcgi/fcgi_http.h"
@@ -54,6 +56,7 @@ struct fake {
     int err_code;
     uint32_t retry_after_ms;
     const char *chat_family;
+    int wait_fd; /* > 0: send nothing after SUBMIT until this fd is readable */
     /* recorded */
     char *prompt;
     struct cm_wire_submit sub;
@@ -65,6 +68,7 @@ struct fake {
     char dir[64];
     char path[96];
     int lfd;
+    int stop_pipe[2]; /* written by fake_stop: no connection will come */
     pthread_t th;
 };
 
@@ -162,6 +166,11 @@ serve(struct fake *fk, int fd)
         fk->got_submit = true;
         fk->prompt = strdup(fk->sub.prompt ? fk->sub.prompt : "");
     }
+    if (fk->wait_fd > 0) {
+        struct pollfd wp = {.fd = fk->wait_fd, .events = POLLIN};
+        if (poll(&wp, 1, SAFETY_MS) == 0)
+            fk->safety_fired = true;
+    }
     send_script(fk, fd, req_id);
     if (fk->end == END_CLOSE || fk->end == END_ERROR)
         goto out;
@@ -203,8 +212,9 @@ static void *
 fake_thread(void *arg)
 {
     struct fake *fk = arg;
-    struct pollfd p = {.fd = fk->lfd, .events = POLLIN};
-    if (poll(&p, 1, SAFETY_MS) <= 0)
+    struct pollfd p[2] = {{.fd = fk->lfd, .events = POLLIN},
+                          {.fd = fk->stop_pipe[0], .events = POLLIN}};
+    if (poll(p, 2, SAFETY_MS) <= 0 || !(p[0].revents & POLLIN))
         return NULL;
     int fd = accept(fk->lfd, NULL, NULL);
     if (fd < 0)
@@ -226,13 +236,17 @@ fake_start(struct fake *fk)
     snprintf(a.sun_path, sizeof(a.sun_path), "%s", fk->path);
     assert_int_equal(bind(fk->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
     assert_int_equal(listen(fk->lfd, 4), 0);
+    assert_int_equal(pipe(fk->stop_pipe), 0);
     assert_int_equal(pthread_create(&fk->th, NULL, fake_thread, fk), 0);
 }
 
 static void
 fake_stop(struct fake *fk)
 {
+    assert_int_equal(write(fk->stop_pipe[1], "s", 1), 1);
     pthread_join(fk->th, NULL);
+    close(fk->stop_pipe[0]);
+    close(fk->stop_pipe[1]);
     close(fk->lfd);
     unlink(fk->path);
     rmdir(fk->dir);
@@ -245,6 +259,7 @@ struct out {
     size_t len, cap;
     int n_flushes;
     int fail_flush_at; /* fail this flush and every later one (1-based); 0: never */
+    int notify_fd;     /* > 0: a byte is written here when a ": keep-alive" comment is written */
 };
 
 static int
@@ -259,6 +274,8 @@ out_write(void *io, const void *data, size_t n)
     memcpy(o->data + o->len, data, n);
     o->len += n;
     o->data[o->len] = 0;
+    if (o->notify_fd > 0 && n >= 2 && memcmp(data, ": ", 2) == 0)
+        assert_int_equal(write(o->notify_fd, "k", 1), 1);
     return 0;
 }
 
@@ -314,7 +331,6 @@ run(struct run *r, enum fcgi_gen_endpoint ep, const char *body)
 {
     fake_start(&r->fk);
     r->ctx.conf.request_timeout_s = 0;
-    r->ctx.conf.heartbeat_s = 0;
     atomic_store(&r->ctx.next_req_id, 1);
     snprintf(r->ctx.fingerprint, sizeof(r->ctx.fingerprint), "llm-fcgi-test");
     assert_int_equal(fcgi_engine_new(r->fk.path, 5000, &r->ctx.engine), 0);
@@ -947,6 +963,91 @@ test_fcgi_gen_chat_logprobs_whole(void **state)
     run_free(&r);
 }
 
+/* ---- Heartbeat, parallel_tool_calls, dump ---- */
+
+/* The engine stays silent until the client has seen a keep-alive comment: with heartbeat_s 1 the
+ * headers and role chunk go out after a second, the comment after the next. */
+static void
+test_fcgi_gen_heartbeat_while_idle(void **state)
+{
+    (void)state;
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    struct run r = {0};
+    r.ctx.conf.heartbeat_s = 1;
+    r.out.notify_fd = p[1];
+    r.fk.wait_fd = p[0];
+    r.fk.toks[0] = "late";
+    r.fk.n_toks = 1;
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(",\"stream\":true"));
+    assert_false(r.fk.safety_fired);
+    const char *hb = strstr(r.body, ": keep-alive\n\n");
+    const char *late = strstr(r.body, "late");
+    assert_non_null(hb);
+    assert_non_null(late);
+    assert_true(hb < late);
+    assert_true(r.done_last);
+    close(p[0]);
+    close(p[1]);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_parallel_tool_calls_false(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    r.fk.toks[0] = "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+    r.fk.toks[1] = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call>";
+    r.fk.n_toks = 2;
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(TOOLS ",\"parallel_tool_calls\":false"));
+    struct json_object *o = json_tokener_parse(r.body);
+    assert_int_equal(json_object_array_length(at(o, "choices[0].message.tool_calls")), 1);
+    assert_string_equal(str_at(o, "choices[0].message.tool_calls[0].function.name"), "get_time");
+    json_object_put(o);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_dump_record(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/test_fcgi_gen_dump.XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    unlink(path);
+    struct run r = {0};
+    assert_int_equal(fcgi_dump_open(path, &r.ctx.dump), 0);
+    r.fk.toks[0] =
+        "<tool_call>{\"name\": \"get_time\", \"arguments\": {\"tz\": \"UTC\"}}</tool_call>";
+    r.fk.n_toks = 1;
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(TOOLS ",\"stream\":true,\"timeout\":2"));
+    assert_int_equal(r.fk.sub.deadline_ms, 2000);
+    fcgi_dump_close(r.ctx.dump);
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    FILE *f = fopen(path, "r");
+    char line[8192];
+    assert_non_null(fgets(line, sizeof(line), f));
+    fclose(f);
+    unlink(path);
+    struct json_object *rec = json_tokener_parse(line);
+    assert_non_null(rec);
+    assert_string_equal(str_at(rec, "endpoint"), "/v1/chat/completions");
+    assert_int_equal(strncmp(str_at(rec, "id"), "chatcmpl-", 9), 0);
+    assert_string_equal(str_at(rec, "request.messages[0].content"), "hi");
+    assert_string_equal(str_at(rec, "response.finish_reason"), "tool_calls");
+    assert_string_equal(str_at(rec, "response.tool_calls[0].function.name"), "get_time");
+    assert_string_equal(str_at(rec, "response.content"), "");
+    assert_int_equal(json_object_get_int(at(rec, "response.usage.prompt_tokens")), 11);
+    assert_null(at(rec, "response.error"));
+    assert_string_equal(str_at(r.events[0], "id"), str_at(rec, "id"));
+    json_object_put(rec);
+    run_free(&r);
+}
+
 int
 main(void)
 {
@@ -966,6 +1067,9 @@ main(void)
         cmocka_unit_test(test_fcgi_gen_bad_request_and_model),
         cmocka_unit_test(test_fcgi_gen_completion_stream_logprobs),
         cmocka_unit_test(test_fcgi_gen_chat_logprobs_whole),
+        cmocka_unit_test(test_fcgi_gen_heartbeat_while_idle),
+        cmocka_unit_test(test_fcgi_gen_parallel_tool_calls_false),
+        cmocka_unit_test(test_fcgi_gen_dump_record),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

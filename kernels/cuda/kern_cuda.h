@@ -29,11 +29,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kernels/kern.h"
-
 #ifdef __cplusplus
-extern "C" {
+extern "C" { /* kern.h is a C header: its functions have C linkage in the .cu files too */
 #endif
+
+#include "kernels/kern.h"
 
 /* Matmuls with at least this many token rows go through cuBLAS; fewer use the matvec kernels. */
 #define KERN_CUDA_GEMM_MIN_TOK 16

@@ -186,6 +186,7 @@ class Stream:
                 "Accept": "text/event-stream"}
         hdrs.update(headers or {})
         self.conn.request("POST", path, body=json.dumps(body).encode(), headers=hdrs)
+        self.sock = self.conn.sock  # getresponse() hands it to the response (Connection: close)
         self.resp = self.conn.getresponse()
         self.status = self.resp.status
         self.headers = {k.lower(): v for k, v in self.resp.getheaders()}
@@ -206,11 +207,12 @@ class Stream:
     def close(self):
         """Leaves at once: the socket is closed under the response (a client disconnect)."""
         try:
-            self.conn.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.conn.close()
+        self.sock.close()
         self.resp.close()
+        self.conn.close()
 
 
 def read_sse(stream):

@@ -12,45 +12,51 @@
  * stop_reason, tool_loop_capped = guard_is_tool_loop(id)) is the caller's; a call whose feed
  * trips must not be emitted.
  *
- * The guards and their exact rules (the configured value in brackets, 0 disables the guard):
- *   name_run_cap [N=8]          the N-th call in a row with the same function name in this
- *                               response trips; a different name resets the run.
- *   identical_call [ring R=4]   in this response, a call identical to the previous call, or a
- *                               call that is the 3rd identical one among the last R calls (itself
- *                               included). R is 0 or 3..64.
- *   repeated_call_history [R=8] over the calls of the history's assistant messages followed by
- *                               this response's, in order: a call that makes 5 identical in a
- *                               row, or the 6th identical among the last R (itself included).
- *                               R is 0 or 6..64.
- *   tool_call_cap [N=12]        the (N+1)-th call of this response trips.
- *   permanent_failure [1]       the call is identical to, or has the same name and the same
- *                               primary argument as, a history call whose tool result (matched by
- *                               tool_call_id) contains, case-insensitively, "command not found",
- *                               "no such file or directory", "permission denied", "file exists"
- *                               or "invalid argument". Primary argument: the string value of
- *                               "path", else "file_path", else "filename"; else, for a shell-like
- *                               call (arguments with a string "command" or "cmd", or an array
- *                               whose first element is a string), the first whitespace-separated
- *                               word of the command. Value 0 or 1.
- *   line_repeat [N=4]           over a window of the last 8 KiB of content: a completed line whose
- *                               trimmed length is over 15 characters and that is not a code-fence
- *                               line (``` or ~~~), normalised (ASCII lower case, runs of white
- *                               space as one space, trimmed), occurring N times among the window's
- *                               completed lines; or, at each end of a word (a white-space byte
- *                               after a non-white-space byte), the last 30 bytes before it (moved
- *                               back to a character boundary) occurring N times, without overlap,
- *                               in the ASCII-lower-cased window. N is 0 or 2..64.
- *   sentence_loop [J=0.55]      sentences are cut at . ! ? : followed by white space, at a blank
- *                               line, at a closing code fence, or at 1024 pending bytes; text
- * inside fenced code (and the fence lines) is skipped. A sentence is normalised (ASCII lower case,
- * every run of ASCII characters that are not letters or digits as one space, trimmed); one of at
- * least 24 normalised characters and 3 words becomes the set of hashes of its word bigrams, is
- * compared (Jaccard) with a ring of the last 16 such sentences and then enters the ring. It trips
- * when it is at least J similar to 2 or more of them (the third near-repeat). J is 0 or in (0, 1].
- * A sentence still pending at the end of the response is never checked (nothing is left to stop).
- *   unterminated_tool_call [N=1024] more than N tokens inside one open <tool_call> block.
- *   token_loop [R=0, off]       engine side, see guard_token_loop_check(); R is the number of
- *                               repeats (0 or 2..16; 3 when enabled as GUARDS.md describes).
+ * The guards and their exact rules (the configured value in brackets; 0 disables the guard):
+ *   name_run_cap [N = 8, 0 or 1..1024]
+ *       the N-th call in a row with the same function name in this response trips; a different
+ *       name resets the run.
+ *   identical_call [ring R = 4, 0 or 3..64]
+ *       in this response, a call identical to the previous call, or a call that is the 3rd
+ *       identical one among the last R calls (itself included).
+ *   repeated_call_history [ring R = 8, 0 or 6..64]
+ *       over the calls of the history's assistant messages followed by this response's, in
+ *       order: a call that makes 5 identical in a row, or the 6th identical among the last R
+ *       (itself included).
+ *   tool_call_cap [N = 12, 0 or 1..1024]
+ *       the (N+1)-th call of this response trips.
+ *   permanent_failure [1, 0 or 1]
+ *       the call is identical to, or has the same name and the same primary argument as, a
+ *       history call whose tool result (matched by tool_call_id) contains, case-insensitively,
+ *       "command not found", "no such file or directory", "permission denied", "file exists" or
+ *       "invalid argument". Primary argument: the string value of "path", else "file_path", else
+ *       "filename"; else, for a shell-like call (arguments with a "command" or "cmd" member that
+ *       is a string, or an array whose first element is a string), the first white-space
+ *       separated word of the command.
+ *   line_repeat [N = 4, 0 or 2..64]
+ *       over a window of the last 8 KiB of content outside fenced code: a completed line whose
+ *       trimmed length is over 15 characters and that holds a letter, digit or non-ASCII
+ *       character, normalised (ASCII lower case, runs of white space as one space, trimmed),
+ *       occurring N times among the window's completed lines; or, at each end of a word (a
+ *       white-space byte after a non-white-space byte), the last 30 bytes before it (moved back
+ *       to a character boundary), when they hold a letter, digit or non-ASCII character,
+ *       occurring N times without overlap in the ASCII-lower-cased window. Fenced code (the
+ *       ``` or ~~~ fence lines and the lines between them) never enters the window: repeated
+ *       code is normal (GUARDS.md's look-alikes). Lines of symbols only (table separators,
+ *       rules) are layout, not loops.
+ *   sentence_loop [J = 0.55, 0 or a similarity in (0, 1]]
+ *       sentences are cut at . ! ? : followed by white space, at a blank line, at a closing code
+ *       fence, or at 1024 pending bytes; text inside fenced code (and the fence lines) is
+ *       skipped. A sentence is normalised (ASCII lower case, every run of ASCII characters that
+ *       are not letters or digits as one space, trimmed); one of at least 24 normalised
+ *       characters and 3 words becomes the set of hashes of its word bigrams, is compared
+ *       (Jaccard) with a ring of the last 16 such sentences, then enters the ring. It trips when
+ *       it is at least J similar to 2 or more of them (the third near-repeat). A sentence still
+ *       pending when the response ends is never checked (nothing is left to stop).
+ *   unterminated_tool_call [N = 1024, 0 or 1..1000000]
+ *       more than N tokens inside one open <tool_call> block.
+ *   token_loop [R = 0 (off), 0 or 2..16; 3 when switched on]
+ *       engine side, see guard_token_loop_check(); R is the number of repeats.
  * When one call trips several tool-loop guards the first in this order is reported:
  * permanent_failure, identical_call, repeated_call_history, name_run_cap, tool_call_cap.
  * Call identity is (name, canonical arguments) compared through a 128-bit hash of both; history
@@ -64,7 +70,7 @@
  * request enable it). With enabled == false (--no-guards) no guard runs, token_loop included, and
  * no request can turn one on.
  *
- * Memory: guard_new allocates everything the object needs (about 80 KiB); feeds never allocate
+ * Memory: guard_new allocates everything the object needs (about 100 KiB); feeds never allocate
  * and cannot fail. Thread context: a guard object belongs to one thread (one response); the
  * config functions and the name tables are pure and safe from any thread.
  */

@@ -258,14 +258,26 @@ call_arguments(struct gen *g, const struct guard_toolcall_event *ev)
     return strndup(s, n);
 }
 
+static bool
+tool_declared(const struct gen *g, const char *name)
+{
+    for (int i = 0; i < g->req.n_tools; i++)
+        if (strcmp(g->req.tool_names[i], name) == 0)
+            return true;
+    return false;
+}
+
 static int
 call_end(struct gen *g, const struct guard_toolcall_event *ev)
 {
     int rc = 0;
-    if (!ev->ok) {
+    const char *why = ev->ok ? NULL : ev->error ? ev->error : "invalid";
+    if (!why && !tool_declared(g, ev->name))
+        why = "not a declared function";
+    if (why) {
         atomic_fetch_add(&g->ctx->counters.tool_calls_invalid, 1);
         CM_LOG(CM_LOG_WARN, "tool call dropped req=%llu index=%d error=%s",
-               (unsigned long long)g->req_id, ev->index, ev->error ? ev->error : "?");
+               (unsigned long long)g->req_id, ev->index, why);
         goto out;
     }
     if (!g->req.parallel_tool_calls && g->n_calls >= 1) {

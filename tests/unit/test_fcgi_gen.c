@@ -669,6 +669,7 @@ test_fcgi_gen_two_calls_invalid_dropped(void **state)
     static const char text[] =
         "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n"
         "</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": }\n"
+        "</tool_call>\n<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n"
         "</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"UTC\"}}\n"
         "</tool_call>";
     for (int streaming = 0; streaming < 2; streaming++) {
@@ -677,7 +678,7 @@ test_fcgi_gen_two_calls_invalid_dropped(void **state)
         run(&r, FCGI_GEN_CHAT, streaming ? CHAT_BODY(",\"stream\":true" TOOLS) : CHAT_BODY(TOOLS));
         assert_int_equal(r.rc, 0);
         assert_int_equal(atomic_load(&r.ctx.counters.tool_calls), 2);
-        assert_int_equal(atomic_load(&r.ctx.counters.tool_calls_invalid), 1);
+        assert_int_equal(atomic_load(&r.ctx.counters.tool_calls_invalid), 2);
         if (streaming) {
             char names[4][64], args[4][256], ids[4][64];
             assert_int_equal(stream_calls(&r, names, args, ids), 2);

@@ -14,6 +14,7 @@
 #include <json-c/json.h>
 
 #include "fcgi/fcgi.h"
+#include "guards/guard_stop.h"
 
 /* ---- Errors ---- */
 
@@ -517,7 +518,7 @@ parse_logit_bias(struct fcgi_req *r, struct json_object *root, struct fcgi_req_e
     return 0;
 }
 
-#define MAX_STOP_BYTES 512
+#define MAX_STOP_BYTES GUARD_STOP_MAX_LEN
 
 static int
 parse_stop(struct fcgi_req *r, struct json_object *root, struct fcgi_req_error *e)

@@ -18,7 +18,7 @@
  *   temperature [1] 0..2; top_p [1] (0, 1]; top_k [0] integer, -1 or 0 off; min_p [0] 0..1;
  *   presence_penalty, frequency_penalty [0] -2..2; repetition_penalty [1] (0, 10]
  *   seed              integer (a negative one is taken modulo 2^64) [engine picks]
- *   stop              a non-empty string or an array of at most FCGI_REQ_MAX_STOP of them
+ *   stop              a string of 1..256 bytes or an array of at most FCGI_REQ_MAX_STOP of them
  *   logit_bias        {"<token id>": -100..100, ...}, at most CM_WIRE_MAX_LOGIT_BIAS entries
  *   logprobs          chat: bool; completions: integer 0..5, the number of top alternatives
  *   top_logprobs      chat: integer 0..20, only with logprobs true

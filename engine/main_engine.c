@@ -35,6 +35,7 @@
 #include "engine/gguf.h"
 #include "engine/kv.h"
 #include "engine/model.h"
+#include "engine/model_cuda.h"
 #include "engine/sched.h"
 #include "engine/tokenizer.h"
 #include "kernels/kern.h"
@@ -54,6 +55,7 @@ struct opts {
     int grace_s;
     int max_frame_bytes;
     enum cm_log_level log_level;
+    bool cuda; /* --backend cuda */
     struct eng_sched_config sched;
 };
 
@@ -72,6 +74,7 @@ usage(FILE *f)
         "                            file is replaced, a live engine there is an error)\n"
         "      --model-name NAME     model id reported to workers (default: general.name)\n"
         "  -t, --threads N           compute threads (default: online CPUs)\n"
+        "      --backend cpu|cuda    compute backend (default cpu; cuda: make cuda, a GPU)\n"
         "      --kv-cache-mb M       KV cache size in MiB (default 256)\n"
         "  -c, --ctx N               context per sequence in tokens (default: the model's)\n"
         "      --max-seqs S          sequences decoded at once (default 64)\n"
@@ -105,6 +108,7 @@ enum {
     OPT_FRAME,
     OPT_GRACE,
     OPT_LOG,
+    OPT_BACKEND,
 };
 
 static int
@@ -133,6 +137,7 @@ parse_args(int argc, char **argv, struct opts *o)
         {"max-frame-bytes", required_argument, 0, OPT_FRAME},
         {"grace-seconds", required_argument, 0, OPT_GRACE},
         {"log-level", required_argument, 0, OPT_LOG},
+        {"backend", required_argument, 0, OPT_BACKEND},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -199,6 +204,13 @@ parse_args(int argc, char **argv, struct opts *o)
                 rc = -1;
             }
             break;
+        case OPT_BACKEND:
+            if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "cuda") != 0) {
+                fprintf(stderr, "llm-engine: --backend must be cpu or cuda, got '%s'\n", optarg);
+                rc = -1;
+            }
+            o->cuda = strcmp(optarg, "cuda") == 0;
+            break;
         case 'h':
             usage(stdout);
             return 1;
@@ -253,6 +265,7 @@ struct engine {
     struct eng_tok *tok;
     struct kern_pool *pool;
     struct eng_fwd *fwd;
+    struct eng_cuda_fwd *cfwd; /* --backend cuda: used instead of fwd */
     struct eng_kv_pool *kv;
     struct eng_sched *sched;
     struct cm_wire_model_info info;
@@ -278,6 +291,8 @@ static int
 model_forward(void *ctx, struct eng_kv_pool *kv, const struct eng_batch *b, float *logits)
 {
     struct engine *e = ctx;
+    if (e->cfwd)
+        return eng_cuda_forward_batch(e->cfwd, b, logits);
     return eng_forward_batch(e->fwd, kv, b, logits);
 }
 
@@ -885,7 +900,10 @@ load(struct engine *e)
     int n_blocks = eng_kv_blocks_for_mb(hp->n_layer, kv_dim, (size_t)o->kv_cache_mb);
     int rc;
     if ((rc = kern_pool_new(o->n_threads, &e->pool)) < 0 ||
-        (rc = eng_fwd_new(e->model, e->pool, o->sched.max_batch_tokens, e->n_ctx, &e->fwd)) < 0 ||
+        (!o->cuda &&
+         (rc = eng_fwd_new(e->model, e->pool, o->sched.max_batch_tokens, e->n_ctx, &e->fwd)) < 0) ||
+        (o->cuda && (rc = eng_cuda_fwd_new(e->model, o->sched.max_batch_tokens, e->n_ctx, n_blocks,
+                                           &e->cfwd)) < 0) ||
         (rc = eng_kv_pool_new(hp->n_layer, kv_dim, n_blocks, &e->kv)) < 0) {
         fprintf(stderr, "llm-engine: cannot allocate the engine: %s\n", strerror(-rc));
         return -1;
@@ -942,6 +960,7 @@ unload(struct engine *e)
     eng_sched_free(e->sched);
     eng_kv_pool_free(e->kv);
     eng_fwd_free(e->fwd);
+    eng_cuda_fwd_free(e->cfwd);
     kern_pool_free(e->pool);
     eng_tok_free(e->tok);
     eng_model_free(e->model);
@@ -1076,6 +1095,11 @@ main(int argc, char **argv)
     int prc = parse_args(argc, argv, &e->o);
     if (prc != 0)
         return prc > 0 ? 0 : 2;
+    char cuda_msg[256];
+    if (e->o.cuda && eng_cuda_available(cuda_msg, sizeof(cuda_msg)) < 0) {
+        fprintf(stderr, "llm-engine: --backend cuda: %s\n", cuda_msg);
+        return 2;
+    }
     cm_log_set_level(e->o.log_level);
     e->started_ns = cm_now_ns();
     e->out_bound = (size_t)e->o.out_buffer_kb << 10;

@@ -16,7 +16,9 @@
 #include "common/cm_log.h"
 #include "common/cm_util.h"
 #include "engine/gguf.h"
+#include "engine/kv.h"
 #include "engine/model.h"
+#include "engine/model_cuda.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "kernels/kern.h"
@@ -37,6 +39,7 @@ struct opts {
     bool print_ids;
     bool no_stats;
     bool ignore_eos;
+    bool cuda; /* --backend cuda */
     struct eng_sampler_params sp;
 };
 
@@ -73,6 +76,7 @@ usage(FILE *f)
             "      --frequency-penalty X OpenAI frequency penalty (default 0)\n"
             "      --ignore-eos          keep generating past end-of-generation tokens\n"
             "  -t, --threads N           compute threads (default: online CPUs)\n"
+            "      --backend cpu|cuda    compute backend (default cpu; cuda: make cuda, a GPU)\n"
             "  -c, --ctx N               context size in tokens (default: the model's, at most "
             "4096)\n"
             "      --print-ids           print generated token ids (one line) instead of text\n"
@@ -99,6 +103,7 @@ enum {
     OPT_DUMP_LOGITS,
     OPT_NO_STATS,
     OPT_INSPECT,
+    OPT_BACKEND,
 };
 
 static int
@@ -147,6 +152,7 @@ parse_args(int argc, char **argv, struct opts *o)
         {"dump-logits", required_argument, 0, OPT_DUMP_LOGITS},
         {"no-stats", no_argument, 0, OPT_NO_STATS},
         {"inspect", required_argument, 0, OPT_INSPECT},
+        {"backend", required_argument, 0, OPT_BACKEND},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -226,6 +232,13 @@ parse_args(int argc, char **argv, struct opts *o)
             break;
         case OPT_INSPECT:
             o->inspect = optarg;
+            break;
+        case OPT_BACKEND:
+            if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "cuda") != 0) {
+                fprintf(stderr, "llm-run: --backend must be cpu or cuda, got '%s'\n", optarg);
+                rc = -1;
+            }
+            o->cuda = strcmp(optarg, "cuda") == 0;
             break;
         case 'h':
             usage(stdout);
@@ -376,6 +389,16 @@ out_text_put(struct out_text *o, const char *bytes, size_t n)
     fflush(stdout);
 }
 
+/* The forward pass of the chosen backend (exactly one of fwd and cfwd is set). */
+static int
+run_forward(struct eng_fwd *fwd, struct eng_cuda_fwd *cfwd, struct eng_kv *kv,
+            const int32_t *tokens, int n_tokens, float *logits, bool all_logits)
+{
+    if (cfwd)
+        return eng_cuda_forward(cfwd, kv, tokens, n_tokens, logits, all_logits);
+    return eng_forward(fwd, kv, tokens, n_tokens, logits, all_logits);
+}
+
 static int
 generate(const struct opts *o, const struct eng_model *m, const struct eng_tok *tok,
          const int32_t *prompt, int n_prompt)
@@ -383,6 +406,7 @@ generate(const struct opts *o, const struct eng_model *m, const struct eng_tok *
     int ret = 1, rc;
     struct kern_pool *pool = NULL;
     struct eng_fwd *fwd = NULL;
+    struct eng_cuda_fwd *cfwd = NULL;
     struct eng_kv *kv = NULL;
     struct eng_sampler *smp = NULL;
     float *logits = NULL;
@@ -397,7 +421,9 @@ generate(const struct opts *o, const struct eng_model *m, const struct eng_tok *
         goto out;
     }
     if ((rc = kern_pool_new(o->n_threads, &pool)) < 0 ||
-        (rc = eng_fwd_new(m, pool, N_BATCH, n_ctx, &fwd)) < 0 ||
+        (!o->cuda && (rc = eng_fwd_new(m, pool, N_BATCH, n_ctx, &fwd)) < 0) ||
+        (o->cuda &&
+         (rc = eng_cuda_fwd_new(m, N_BATCH, n_ctx, eng_kv_blocks_for(n_ctx), &cfwd)) < 0) ||
         (rc = eng_kv_new(m, n_ctx, &kv)) < 0) {
         fprintf(stderr, "llm-run: cannot allocate the engine: %s\n", strerror(-rc));
         goto out;
@@ -415,7 +441,7 @@ generate(const struct opts *o, const struct eng_model *m, const struct eng_tok *
     }
 
     uint64_t t0 = cm_now_ns();
-    if ((rc = eng_forward(fwd, kv, prompt, n_prompt, logits, o->dump_logits != NULL)) < 0) {
+    if ((rc = run_forward(fwd, cfwd, kv, prompt, n_prompt, logits, o->dump_logits != NULL)) < 0) {
         fprintf(stderr, "llm-run: prompt evaluation failed: %s\n", strerror(-rc));
         goto out;
     }
@@ -444,7 +470,7 @@ generate(const struct opts *o, const struct eng_model *m, const struct eng_tok *
         }
         if (n_gen == o->n_predict)
             break;
-        if ((rc = eng_forward(fwd, kv, &s.id, 1, logits, false)) < 0) {
+        if ((rc = run_forward(fwd, cfwd, kv, &s.id, 1, logits, false)) < 0) {
             fprintf(stderr, "llm-run: decode failed: %s\n", strerror(-rc));
             goto out;
         }
@@ -475,6 +501,7 @@ out:
     eng_sampler_free(smp);
     eng_kv_free(kv);
     eng_fwd_free(fwd);
+    eng_cuda_fwd_free(cfwd);
     kern_pool_free(pool);
     return ret;
 }
@@ -489,6 +516,11 @@ main(int argc, char **argv)
     cm_log_set_level(CM_LOG_WARN);
     if (o.inspect)
         return inspect(o.inspect);
+    char cuda_msg[256];
+    if (o.cuda && eng_cuda_available(cuda_msg, sizeof(cuda_msg)) < 0) {
+        fprintf(stderr, "llm-run: --backend cuda: %s\n", cuda_msg);
+        return 2;
+    }
 
     int ret = 1;
     struct eng_gguf *g = NULL;

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/bench_cuda.h"
 #include "bench/bench_load.h"
 #include "common/cm_util.h"
 #include "engine/gguf.h"
@@ -232,6 +233,7 @@ usage(FILE *f)
                "      --json FILE    append the results as one JSON line\n"
                "      --label TEXT   a label stored in the JSON line (e.g. the git commit)\n"
                "      --batched      also aggregate decode tok/s of 1..32 sequences at once\n"
+               "      --backend B    cpu (default) or cuda: pp, tg, aggregate at 8/32/128\n"
                "                     (128-token prompts, 64 decode steps)\n"
                "End-to-end load (BENCH.md item 3; no model is loaded here):\n"
                "      --load TARGET  http://HOST:PORT (OpenAI server) or unix:PATH (llm-engine\n"
@@ -338,11 +340,12 @@ main(int argc, char **argv)
         {"prompt-words", required_argument, 0, 'W'},
         {"gen", required_argument, 0, 'G'},
         {"engine-socket", required_argument, 0, 'E'},
+        {"backend", required_argument, 0, 'K'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *model = NULL, *json = NULL, *label = "";
-    bool batched = false;
+    bool batched = false, cuda = false;
     struct load_mode lm = {.clients = "1,8,32", .rounds = 2, .prompt_words = 245, .gen = 128};
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = ncpu > 0 ? (int)ncpu : 1, n_pp = 512, n_tg = 128, reps = 3, bw_mb = 1024;
@@ -395,6 +398,13 @@ main(int argc, char **argv)
         case 'E':
             lm.engine_socket = optarg;
             break;
+        case 'K': /* --backend cpu|cuda */
+            if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "cuda") != 0) {
+                usage(stderr);
+                return 2;
+            }
+            cuda = strcmp(optarg, "cuda") == 0;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -414,6 +424,8 @@ main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    if (cuda)
+        return bench_cuda_run(model, n_pp, n_tg, reps, json, label);
 
     int ret = 1;
     char err[ENG_GGUF_ERR_LEN] = "";

@@ -31,7 +31,9 @@
  *   4  ACCEPTED     e->w    binary: u32 prompt_tokens, u32 cached_tokens (exactly 8 bytes)
  *   5  TOKEN        e->w    binary: i32 id, u32 flags (CM_WIRE_TOKEN_*), f32 logprob, u16 n_top,
  *                           u16 text_len, n_top x (i32 id, f32 logprob), text_len text bytes
- *                           (exactly 16 + 8 n_top + text_len bytes)
+ *                           (exactly 16 + 8 n_top + text_len bytes), then with the flag
+ *                           CM_WIRE_TOKEN_TOP_TEXT n_top x (u16 len, len bytes): the text of
+ *                           each alternative
  *   6  DONE         e->w    JSON {"finish": "eos", "guard": "", "usage": {"prompt_tokens": 9,
  *                           "completion_tokens": 4, "cached_tokens": 0}, "timings": {"queue_ms":
  *                           0.1, "prefill_ms": 3.2, "decode_ms": 40.5}}
@@ -393,7 +395,12 @@ int cm_wire_decode_accepted(const struct cm_wire_frame *f, struct cm_wire_accept
  * containing NUL), kept NUL-terminated for convenience. Unknown flag bits are -EINVAL. */
 #define CM_WIRE_TOKEN_LOGPROB (1u << 0) /* logprob and top alternatives are present */
 #define CM_WIRE_TOKEN_SPECIAL (1u << 1) /* a control token (EOS...): not user-visible text */
-#define CM_WIRE_TOKEN_FLAGS_ALL (CM_WIRE_TOKEN_LOGPROB | CM_WIRE_TOKEN_SPECIAL)
+/* The text of each top alternative follows the token's text: n_top x (u16 len, len bytes), in
+ * all at most CM_WIRE_MAX_TOP_TEXT bytes of text. Only with CM_WIRE_TOKEN_LOGPROB. */
+#define CM_WIRE_TOKEN_TOP_TEXT (1u << 2)
+#define CM_WIRE_TOKEN_FLAGS_ALL                                                                    \
+    (CM_WIRE_TOKEN_LOGPROB | CM_WIRE_TOKEN_SPECIAL | CM_WIRE_TOKEN_TOP_TEXT)
+#define CM_WIRE_MAX_TOP_TEXT 4096
 
 struct cm_wire_token {
     int32_t id;
@@ -402,6 +409,11 @@ struct cm_wire_token {
     uint32_t n_top;
     int32_t top_ids[CM_WIRE_MAX_TOP_LOGPROBS];
     float top_logprobs[CM_WIRE_MAX_TOP_LOGPROBS];
+    /* With CM_WIRE_TOKEN_TOP_TEXT: alternative k's text is top_text[top_off[k] ..][top_len[k]]
+     * (not NUL-terminated); top_off[k] + top_len[k] <= CM_WIRE_MAX_TOP_TEXT. */
+    uint16_t top_off[CM_WIRE_MAX_TOP_LOGPROBS];
+    uint16_t top_len[CM_WIRE_MAX_TOP_LOGPROBS];
+    char top_text[CM_WIRE_MAX_TOP_TEXT];
     uint32_t text_len;
     char text[CM_WIRE_MAX_TOKEN_TEXT + 1];
 };

@@ -1139,6 +1139,8 @@ token_validate(const struct cm_wire_token *m, char *err, size_t err_len)
     if (m->text_len > CM_WIRE_MAX_TOKEN_TEXT)
         return fail(err, err_len, -EINVAL, "token: 'text_len' over %d", CM_WIRE_MAX_TOKEN_TEXT);
     if (!(m->flags & CM_WIRE_TOKEN_LOGPROB)) {
+        if (m->flags & CM_WIRE_TOKEN_TOP_TEXT)
+            return fail(err, err_len, -EINVAL, "token: top text without logprobs");
         if (m->logprob != 0 || m->n_top != 0)
             return fail(err, err_len, -EINVAL, "token: 'logprob' or 'n_top' without the flag");
         return 0;
@@ -1150,8 +1152,23 @@ token_validate(const struct cm_wire_token *m, char *err, size_t err_len)
             return fail(err, err_len, -EINVAL, "token: 'top_ids'[%u] out of range", i);
         if (!logprob_valid(m->top_logprobs[i]))
             return fail(err, err_len, -EINVAL, "token: 'top_logprobs'[%u] is NaN or +inf", i);
+        if ((m->flags & CM_WIRE_TOKEN_TOP_TEXT) &&
+            (uint32_t)m->top_off[i] + m->top_len[i] > CM_WIRE_MAX_TOP_TEXT)
+            return fail(err, err_len, -EINVAL, "token: top text %u out of range", i);
     }
     return 0;
+}
+
+/* Bytes of the alternatives' texts on the wire (2 + len each), 0 without the flag. */
+static size_t
+token_top_text_bytes(const struct cm_wire_token *m)
+{
+    size_t n = 0;
+    if (!(m->flags & CM_WIRE_TOKEN_TOP_TEXT))
+        return 0;
+    for (uint32_t i = 0; i < m->n_top; i++)
+        n += 2 + (size_t)m->top_len[i];
+    return n;
 }
 
 int
@@ -1160,7 +1177,13 @@ cm_wire_encode_token(struct cm_wire_buf *b, uint64_t req_id, const struct cm_wir
     uint8_t *p = NULL;
     if (token_validate(m, NULL, 0) < 0)
         return -EINVAL;
-    size_t len = 16 + 8 * (size_t)m->n_top + m->text_len;
+    size_t top_bytes = token_top_text_bytes(m);
+    size_t tot = 0;
+    for (uint32_t i = 0; top_bytes && i < m->n_top; i++)
+        tot += m->top_len[i];
+    if (tot > CM_WIRE_MAX_TOP_TEXT)
+        return -EINVAL;
+    size_t len = 16 + 8 * (size_t)m->n_top + m->text_len + top_bytes;
     int rc = cm_wire_buf_begin_frame(b, CM_WIRE_TOKEN, req_id, len, &p);
     if (rc < 0)
         return rc;
@@ -1175,6 +1198,12 @@ cm_wire_encode_token(struct cm_wire_buf *b, uint64_t req_id, const struct cm_wir
         put_f32(p + 4, m->top_logprobs[i]);
     }
     memcpy(p, m->text, m->text_len);
+    p += m->text_len;
+    for (uint32_t i = 0; top_bytes && i < m->n_top; i++) {
+        put_u16(p, m->top_len[i]);
+        memcpy(p + 2, m->top_text + m->top_off[i], m->top_len[i]);
+        p += 2 + m->top_len[i];
+    }
     return 0;
 }
 
@@ -1195,12 +1224,14 @@ cm_wire_decode_token(const struct cm_wire_frame *f, struct cm_wire_token *out, c
     if (text_len > CM_WIRE_MAX_TOKEN_TEXT)
         return fail(err, err_len, -EINVAL, "token: 'text_len' %u over %d", text_len,
                     CM_WIRE_MAX_TOKEN_TEXT);
-    if (f->len != 16 + 8 * n_top + text_len)
+    uint32_t flags = get_u32(p + 4), fixed = 16 + 8 * n_top + text_len;
+    bool top_text = (flags & CM_WIRE_TOKEN_TOP_TEXT) != 0;
+    if (top_text ? f->len < fixed : f->len != fixed)
         return fail(err, err_len, -EPROTO, "token: payload of %u bytes, expected %u", f->len,
-                    16 + 8 * n_top + text_len);
+                    fixed);
     struct cm_wire_token m;
     m.id = (int32_t)get_u32(p);
-    m.flags = get_u32(p + 4);
+    m.flags = flags;
     m.logprob = get_f32(p + 8);
     m.n_top = n_top;
     m.text_len = text_len;
@@ -1211,11 +1242,39 @@ cm_wire_decode_token(const struct cm_wire_frame *f, struct cm_wire_token *out, c
     }
     memcpy(m.text, p, text_len);
     m.text[text_len] = '\0';
+    p += text_len;
+    if (top_text) {
+        const uint8_t *end = f->payload + f->len;
+        uint32_t off = 0;
+        for (uint32_t i = 0; i < n_top; i++) {
+            if (end - p < 2)
+                return fail(err, err_len, -EPROTO, "token: top text %u truncated", i);
+            uint32_t l = get_u16(p);
+            p += 2;
+            if ((uint32_t)(end - p) < l || off + l > CM_WIRE_MAX_TOP_TEXT)
+                return fail(err, err_len, -EPROTO, "token: top text %u truncated or too long", i);
+            memcpy(m.top_text + off, p, l);
+            m.top_off[i] = (uint16_t)off;
+            m.top_len[i] = (uint16_t)l;
+            off += l;
+            p += l;
+        }
+        if (p != end)
+            return fail(err, err_len, -EPROTO, "token: %zu bytes after the top texts",
+                        (size_t)(end - p));
+    }
     rc = token_validate(&m, err, err_len);
     if (rc < 0)
         return rc;
-    /* The text array is mostly unused: copy only up to its NUL. */
-    memcpy(out, &m, offsetof(struct cm_wire_token, text) + text_len + 1);
+    if (top_text) {
+        memcpy(out, &m, sizeof(m));
+        return 0;
+    }
+    /* The text arrays are mostly unused: copy only up to the text's NUL. */
+    memcpy(out, &m, offsetof(struct cm_wire_token, top_off));
+    memcpy(&out->text_len, &m.text_len,
+           offsetof(struct cm_wire_token, text) - offsetof(struct cm_wire_token, text_len) +
+               text_len + 1);
     return 0;
 }
 

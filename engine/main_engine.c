@@ -432,9 +432,21 @@ on_token(void *ctx, void *owner, uint64_t req_id, uint64_t seq_id, const struct 
         m.flags |= CM_WIRE_TOKEN_LOGPROB;
         m.logprob = tok->logprob;
         m.n_top = (uint32_t)tok->n_top;
+        m.flags |= CM_WIRE_TOKEN_TOP_TEXT;
+        uint32_t off = 0;
         for (int i = 0; i < tok->n_top; i++) {
             m.top_ids[i] = tok->top_ids[i];
             m.top_logprobs[i] = tok->top_logprobs[i];
+            /* Alternatives show control tokens by their text ("<|im_end|>"). */
+            const char *alt = NULL;
+            size_t alen = eng_tok_piece(e->tok, tok->top_ids[i], true, &alt);
+            if (alen > CM_WIRE_MAX_TOP_TEXT - off)
+                alen = 0;
+            if (alen)
+                memcpy(m.top_text + off, alt, alen);
+            m.top_off[i] = (uint16_t)off;
+            m.top_len[i] = (uint16_t)alen;
+            off += (uint32_t)alen;
         }
     }
     if (cm_wire_encode_token(&c->out, req_id, &m) < 0)

@@ -266,6 +266,9 @@ alt_token(const struct cm_wire_token *t, uint32_t k, struct json_object **tok,
     if (t->top_ids[k] == t->id) {
         *tok = token_string(t->text, t->text_len);
         *bytes = token_bytes(t->text, t->text_len);
+    } else if (t->flags & CM_WIRE_TOKEN_TOP_TEXT) {
+        *tok = token_string(t->top_text + t->top_off[k], t->top_len[k]);
+        *bytes = token_bytes(t->top_text + t->top_off[k], t->top_len[k]);
     } else {
         char buf[32];
         snprintf(buf, sizeof(buf), "token_id:%d", t->top_ids[k]);

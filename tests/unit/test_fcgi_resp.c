@@ -403,6 +403,17 @@ test_fcgi_resp_logprobs_chat(void **state)
     assert_string_equal(str_at(o, "content[1].token"), "\xef\xbf\xbd");
     assert_int_equal(json_object_get_int(at(o, "content[1].bytes[0]")), 0xc3);
     json_object_put(o);
+    /* With the alternatives' texts from the engine, they are shown by text. */
+    struct cm_wire_token c = tok(9, "lo", -0.5f, 2);
+    c.flags |= CM_WIRE_TOKEN_TOP_TEXT;
+    c.top_off[1] = 0;
+    c.top_len[1] = 3;
+    memcpy(c.top_text, "low", 3);
+    assert_int_equal(fcgi_resp_logprobs_add(&lp, &c), 0);
+    o = roundtrip(fcgi_resp_logprobs_take(&lp));
+    assert_string_equal(str_at(o, "content[0].top_logprobs[1].token"), "low");
+    assert_int_equal(json_object_array_length(at(o, "content[0].top_logprobs[1].bytes")), 3);
+    json_object_put(o);
     /* taken: the next take starts afresh */
     assert_null(fcgi_resp_logprobs_take(&lp));
     struct cm_wire_token inf = tok(8, "x", -INFINITY, 0);

@@ -621,6 +621,10 @@ check_token(const struct cm_wire_frame *f, const void *expected)
     assert_int_equal(m.text_len, e->text_len);
     assert_memory_equal(m.text, e->text, e->text_len);
     assert_int_equal(m.text[m.text_len], '\0');
+    for (uint32_t i = 0; (e->flags & CM_WIRE_TOKEN_TOP_TEXT) && i < e->n_top; i++) {
+        assert_int_equal(m.top_len[i], e->top_len[i]);
+        assert_memory_equal(m.top_text + m.top_off[i], e->top_text + e->top_off[i], e->top_len[i]);
+    }
 }
 
 static void
@@ -646,6 +650,40 @@ test_wire_roundtrip_token(void **state)
     assert_int_equal(cm_wire_buf_pending(&b), CM_WIRE_HEADER_BYTES + 16 + 8 * 20 + 4);
     roundtrip(&b, CM_WIRE_TOKEN, 9, check_token, &m);
     cm_wire_buf_fini(&b);
+
+    /* The alternatives' texts: packed after the text; an empty one; one too many is refused. */
+    m.flags |= CM_WIRE_TOKEN_TOP_TEXT;
+    size_t total = 0;
+    for (uint32_t i = 0; i < m.n_top; i++) {
+        m.top_off[i] = (uint16_t)(CM_WIRE_MAX_TOP_TEXT - 1 - i * 3);
+        m.top_len[i] = (uint16_t)(i % 2 ? 0 : 1);
+        m.top_text[m.top_off[i]] = (char)('A' + i);
+        total += 2 + m.top_len[i];
+    }
+    assert_int_equal(cm_wire_buf_init(&b, 0), 0);
+    assert_int_equal(cm_wire_encode_token(&b, 9, &m), 0);
+    assert_int_equal(cm_wire_buf_pending(&b), CM_WIRE_HEADER_BYTES + 16 + 8 * 20 + 4 + total);
+    roundtrip(&b, CM_WIRE_TOKEN, 9, check_token, &m);
+    m.top_len[0] = 2; /* runs past the end of top_text */
+    assert_int_equal(cm_wire_encode_token(&b, 9, &m), -EINVAL);
+    cm_wire_buf_fini(&b);
+    /* A frame whose top texts are truncated or followed by junk is -EPROTO. */
+    {
+        uint8_t pl[16 + 8 + 1 + 2 + 3];
+        memset(pl, 0, sizeof(pl));
+        pl[4] = CM_WIRE_TOKEN_LOGPROB | CM_WIRE_TOKEN_TOP_TEXT;
+        pl[12] = 1;         /* n_top */
+        pl[14] = 1;         /* text_len */
+        pl[16 + 8 + 1] = 5; /* top text of 5 bytes, only 3 present */
+        struct cm_wire_frame f = {.type = CM_WIRE_TOKEN, .len = sizeof(pl), .payload = pl};
+        struct cm_wire_token d;
+        assert_int_equal(cm_wire_decode_token(&f, &d, NULL, 0), -EPROTO);
+        pl[16 + 8 + 1] = 2; /* 2 bytes, then one extra byte */
+        assert_int_equal(cm_wire_decode_token(&f, &d, NULL, 0), -EPROTO);
+        pl[16 + 8 + 1] = 3;
+        assert_int_equal(cm_wire_decode_token(&f, &d, NULL, 0), 0);
+        assert_int_equal(d.top_len[0], 3);
+    }
 
     /* Longest text, no logprobs, a control token. */
     memset(&m, 0, sizeof(m));
@@ -1356,7 +1394,7 @@ test_wire_reject_binary_payloads(void **state)
     assert_non_null(strstr(err, "'text_len'"));
     p[14] = p[15] = 0;
     f.len = 16;
-    p[4] = 0x04; /* unknown flag */
+    p[4] = 0x08; /* unknown flag */
     assert_int_equal(cm_wire_decode_token(&f, &t, err, sizeof(err)), -EINVAL);
     assert_non_null(strstr(err, "'flags'"));
     p[4] = 0;

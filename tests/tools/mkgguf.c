@@ -32,6 +32,7 @@ struct mk_opts {
     enum kern_dtype type;
     const char *arch;
     int layers, dim, heads, kv_heads, ffn, ctx;
+    int vocab; /* 0: the minimal vocabulary; more pads it with <unused_N> control tokens */
     uint64_t seed;
     bool tied;
     uint32_t version;
@@ -225,9 +226,10 @@ utf8_of(uint32_t cp)
 }
 
 static void
-build_vocab(struct mk_model *m)
+build_vocab(struct mk_model *m, int n_vocab)
 {
-    m->n_tokens = MK_N_BYTE_TOKENS + N_MERGES + N_SPECIAL;
+    int n_base = MK_N_BYTE_TOKENS + N_MERGES + N_SPECIAL;
+    m->n_tokens = n_vocab > n_base ? n_vocab : n_base;
     m->tokens = cm_xcalloc((size_t)m->n_tokens, sizeof(char *));
     for (int b = 0; b < MK_N_BYTE_TOKENS; b++)
         m->tokens[b] = utf8_of(byte_to_codepoint(b));
@@ -235,12 +237,17 @@ build_vocab(struct mk_model *m)
         m->tokens[MK_N_BYTE_TOKENS + i] = cm_xstrdup(merge_tokens[i]);
     for (int i = 0; i < N_SPECIAL; i++)
         m->tokens[MK_N_BYTE_TOKENS + N_MERGES + i] = cm_xstrdup(special_tokens[i]);
+    for (int i = n_base; i < m->n_tokens; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "<unused_%d>", i - n_base);
+        m->tokens[i] = cm_xstrdup(name);
+    }
 }
 
 static void
 write_metadata(struct mk_model *m, const struct mk_opts *o)
 {
-    int32_t types[MK_N_BYTE_TOKENS + N_MERGES + N_SPECIAL];
+    int32_t *types = cm_xcalloc((size_t)m->n_tokens, sizeof(*types));
     int first_special = MK_N_BYTE_TOKENS + N_MERGES;
     uint32_t vocab_meta = (uint32_t)m->n_tokens;
     char key[128];
@@ -274,6 +281,7 @@ write_metadata(struct mk_model *m, const struct mk_opts *o)
     kv_u32(m, "tokenizer.ggml.padding_token_id", (uint32_t)first_special); /* <|endoftext|> */
     kv_bool(m, "tokenizer.ggml.add_bos_token", false);
     kv_str(m, "tokenizer.chat_template", chatml_template);
+    free(types);
 }
 
 /* ---- Tensors ---- */
@@ -572,7 +580,7 @@ usage(FILE *f)
         f, "usage: mkgguf -o FILE [--type f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q4_k|q5_k|q6_k]\n"
            "              [--arch llama|qwen2] [--layers 2] [--dim 64] [--heads 4] [--kv-heads 2]\n"
            "              [--ffn 128] [--ctx 256] [--seed 1] [--tied|--untied] [--version 2|3]\n"
-           "              [--corrupt KIND]\n"
+           "              [--corrupt KIND] [--vocab N]\n"
            "K-quant types need --dim and --ffn multiples of 256 (default 256 and 512 for them).\n"
            "KIND: truncated magic version offset count kvcount strlen type dims misaligned\n"
            "      (broken GGUF), missing shape vocab (valid GGUF, wrong model).\n");
@@ -681,6 +689,7 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         O_UNTIED,
         O_VERSION,
         O_CORRUPT,
+        O_VOCAB,
         O_HELP
     };
     static const struct option longopts[] = {
@@ -697,6 +706,7 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         {"untied", no_argument, NULL, O_UNTIED},
         {"version", required_argument, NULL, O_VERSION},
         {"corrupt", required_argument, NULL, O_CORRUPT},
+        {"vocab", required_argument, NULL, O_VOCAB},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -750,6 +760,9 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         case O_CORRUPT:
             o->corrupt = optarg;
             break;
+        case O_VOCAB:
+            rc = parse_int(optarg, "--vocab", 1, 1 << 20, &o->vocab);
+            break;
         case 'h':
         case O_HELP:
             return 1;
@@ -793,7 +806,7 @@ main(int argc, char **argv)
         rc = -EINVAL;
         goto out;
     }
-    build_vocab(m);
+    build_vocab(m, o.vocab);
     write_metadata(m, &o);
     rc = build_tensors(m, &o);
     if (rc)

@@ -33,7 +33,9 @@ enum gstate {
     G_BAD,         /* not something we follow; json-c will judge at the closer */
 };
 
-enum member { MEM_OTHER, MEM_NAME, MEM_ARGS };
+/* MEM_PARAMS: "parameters", a synonym of "arguments" only when it is the first of the two; a
+ * "parameters" member after the arguments (models echo the schema) is just another member. */
+enum member { MEM_OTHER, MEM_NAME, MEM_ARGS, MEM_PARAMS };
 
 struct guard_toolcall {
     size_t max_block;
@@ -485,8 +487,10 @@ classify_key(const char *k, size_t n)
 {
     if (n == 4 && memcmp(k, "name", 4) == 0)
         return MEM_NAME;
-    if ((n == 9 && memcmp(k, "arguments", 9) == 0) || (n == 10 && memcmp(k, "parameters", 10) == 0))
+    if (n == 9 && memcmp(k, "arguments", 9) == 0)
         return MEM_ARGS;
+    if (n == 10 && memcmp(k, "parameters", 10) == 0)
+        return MEM_PARAMS;
     return MEM_OTHER;
 }
 
@@ -497,6 +501,8 @@ value_start(struct guard_toolcall *p, size_t pos, char c)
 
     p->tok_start = pos;
     p->vkind = c;
+    if (p->mem == MEM_PARAMS)
+        p->mem = p->n_args == 0 ? MEM_ARGS : MEM_OTHER;
     if (p->mem == MEM_NAME)
         p->n_name++;
     if (p->mem != MEM_ARGS)

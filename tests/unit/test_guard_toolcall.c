@@ -284,7 +284,14 @@ test_guard_toolcall_semantic_errors(void **state)
                      "B0|N0:f|E0:bad:bad arguments|");
     check_all_splits("<tool_call>{\"name\": \"f\", \"arguments\": 12}</tool_call>",
                      "B0|N0:f|E0:bad:bad arguments|");
-    check_all_splits("<tool_call>{\"name\":\"f\",\"arguments\":{},\"parameters\":{}}</tool_call>",
+    /* "parameters" after the arguments (a model echoing the schema) is just another member;
+     * before them it is the arguments, and then a later "arguments" is a second one. */
+    check_all_splits("<tool_call>{\"name\":\"f\",\"arguments\":{\"x\":1},\"parameters\":{}}"
+                     "</tool_call>",
+                     "B0|N0:f|A0:{\"x\":1}|E0:ok:f:{\"x\":1}|");
+    check_all_splits("<tool_call>{\"name\":\"f\",\"parameters\":{},\"arguments\":{}}</tool_call>",
+                     "B0|N0:f|A0:{}|E0:bad:duplicate key|");
+    check_all_splits("<tool_call>{\"name\":\"f\",\"arguments\":{},\"arguments\":{}}</tool_call>",
                      "B0|N0:f|A0:{}|E0:bad:duplicate key|");
     check_all_splits("<tool_call>{\"name\":\"f\",\"name\":\"g\",\"arguments\":{}}</tool_call>",
                      "B0|N0:f|A0:{}|E0:bad:duplicate key|");

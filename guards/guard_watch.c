@@ -45,9 +45,10 @@ struct guard_watch {
 
     /* the current line */
     enum head_state head;
-    char fence_ch;
-    int fence_n;
-    bool in_fence;
+    char fence_ch;      /* the fence character of this line's head */
+    int fence_n;        /* how many of them */
+    bool in_fence;      /* inside fenced code */
+    char open_fence_ch; /* the character of the fence that opened it */
     struct guard_hasher line_h;
     int line_chars;     /* trimmed raw length so far, in characters */
     int line_ws_run;    /* white-space characters pending after the last non-white-space one */
@@ -382,7 +383,12 @@ watch_byte(struct guard_watch *w, unsigned char c)
     if (w->line_n)
         line_byte(w, c);
     if (head_byte(w, c)) {
+        if (w->in_fence && w->fence_ch != w->open_fence_ch) {
+            w->head = HEAD_TEXT; /* ~~~ inside ``` (or the reverse) is code, not the closer */
+            return GUARD_NONE;
+        }
         w->in_fence = !w->in_fence;
+        w->open_fence_ch = w->fence_ch;
         if (w->in_fence) {
             /* the fence's own characters are not part of the sentence */
             if (w->sent_len > w->sent_line_start)

@@ -768,8 +768,11 @@ render_chat(struct gen *g, char **prompt, char **prefix)
         return rc;
     if (g->req.tool_choice == FCGI_TOOL_CHOICE_REQUIRED ||
         g->req.tool_choice == FCGI_TOOL_CHOICE_NAMED) {
-        const char *name =
-            g->req.tool_choice == FCGI_TOOL_CHOICE_NAMED ? g->req.tool_choice_name : NULL;
+        /* "required" with a single declared tool can only mean that tool: naming it keeps a
+         * small model from writing something else where the name goes. */
+        const char *name = g->req.tool_choice == FCGI_TOOL_CHOICE_NAMED ? g->req.tool_choice_name
+                           : g->req.n_tools == 1                        ? g->req.tool_names[0]
+                                                                        : NULL;
         rc = cm_chat_tool_prefix(mi->chat_family, name, prefix);
         if (rc < 0) {
             set_error(g, 400, "tool_choice", NULL, "tool_choice cannot be enforced for this model");

@@ -745,6 +745,21 @@ test_fcgi_gen_tool_choice_forced_and_none(void **state)
     assert_string_equal(args[0], "{}");
     run_free(&q);
 
+    /* required with a single declared tool: that tool is named in the opener */
+    struct run one = {0};
+    one.fk.toks[0] = "{\"city\": \"Oslo\"}}\n</tool_call>";
+    one.fk.n_toks = 1;
+    run(&one, FCGI_GEN_CHAT,
+        CHAT_BODY(",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\"}}],"
+                  "\"tool_choice\":\"required\""));
+    lp = strlen(one.fk.prompt);
+    assert_true(lp > ls);
+    assert_string_equal(one.fk.prompt + lp - ls, suffix);
+    o = json_tokener_parse(one.body);
+    assert_string_equal(str_at(o, "choices[0].message.tool_calls[0].function.name"), "get_weather");
+    json_object_put(o);
+    run_free(&one);
+
     /* none: tools not rendered, a <tool_call> in the text is plain content */
     struct run n = {0};
     n.fk.toks[0] = "<tool_call>x</tool_call>";

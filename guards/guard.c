@@ -94,6 +94,12 @@ guard_config_active(const struct guard_config *c, enum guard_id id)
     return c->enabled && c->value[id] != 0;
 }
 
+int
+guard_config_int(const struct guard_config *c, enum guard_id id)
+{
+    return guard_config_active(c, id) ? (int)c->value[id] : 0;
+}
+
 static void
 set_err(char *err, size_t err_len, const char *fmt, ...)
 {
@@ -357,12 +363,6 @@ struct guard {
     struct guard_watch *watch; /* NULL when both content guards are off */
 };
 
-static int
-active_int(const struct guard_config *cfg, enum guard_id id)
-{
-    return guard_config_active(cfg, id) ? (int)cfg->value[id] : 0;
-}
-
 int
 guard_new(const struct guard_config *cfg, const struct cm_chat_msg *history, int n_history,
           struct guard **out)
@@ -376,16 +376,16 @@ guard_new(const struct guard_config *cfg, const struct cm_chat_msg *history, int
         return -ENOMEM;
     g->enabled = cfg->enabled;
     g->tripped = GUARD_NONE;
-    g->unterminated_n = active_int(cfg, GUARD_UNTERMINATED_TOOL_CALL);
-    g->calls.name_run_cap = active_int(cfg, GUARD_NAME_RUN_CAP);
-    g->calls.identical_ring = active_int(cfg, GUARD_IDENTICAL_CALL);
-    g->calls.history_ring = active_int(cfg, GUARD_REPEATED_CALL_HISTORY);
-    g->calls.call_cap = active_int(cfg, GUARD_TOOL_CALL_CAP);
-    g->calls.permanent = active_int(cfg, GUARD_PERMANENT_FAILURE) != 0;
+    g->unterminated_n = guard_config_int(cfg, GUARD_UNTERMINATED_TOOL_CALL);
+    g->calls.name_run_cap = guard_config_int(cfg, GUARD_NAME_RUN_CAP);
+    g->calls.identical_ring = guard_config_int(cfg, GUARD_IDENTICAL_CALL);
+    g->calls.history_ring = guard_config_int(cfg, GUARD_REPEATED_CALL_HISTORY);
+    g->calls.call_cap = guard_config_int(cfg, GUARD_TOOL_CALL_CAP);
+    g->calls.permanent = guard_config_int(cfg, GUARD_PERMANENT_FAILURE) != 0;
     rc = guard_calls_init(&g->calls, history, n_history);
     if (rc < 0)
         goto out;
-    int line_n = active_int(cfg, GUARD_LINE_REPEAT);
+    int line_n = guard_config_int(cfg, GUARD_LINE_REPEAT);
     double sim =
         guard_config_active(cfg, GUARD_SENTENCE_LOOP) ? cfg->value[GUARD_SENTENCE_LOOP] : 0;
     if (line_n || sim > 0) {

@@ -155,6 +155,10 @@ void guard_config_init(struct guard_config *c);
 /* Whether guard id runs under c: c->enabled and its value is not 0. */
 bool guard_config_active(const struct guard_config *c, enum guard_id id);
 
+/* The value of guard id as an integer when it runs under c (guard_config_active), else 0: e.g.
+ * the n_repeats the engine passes to guard_token_loop_check. For sentence_loop, use value[]. */
+int guard_config_int(const struct guard_config *c, enum guard_id id);
+
 /* Sets one value from the text of a flag or config-file value: key is a guard name (the worker's
  * --guard-<name> N flag uses the name with '-' for '_'; both spellings are accepted), value an
  * integer ("8", "0") or, for sentence_loop, a decimal number ("0.55"); surrounding white space is

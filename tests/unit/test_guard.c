@@ -24,6 +24,84 @@
 #include "common/cm_chat.h"
 #include "guards/guard.h"
 
+/* ---- Allocation-failure injection (glibc malloc replaced in this binary; skipped under
+ * sanitizers, which own malloc). Only allocations made by code of this executable (libllm.a's
+ * objects) are failed; json-c's own are counted for leaks but never failed. ---- */
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define GUARD_SANITIZED 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) ||                         \
+    __has_feature(memory_sanitizer)
+#define GUARD_SANITIZED 1
+#endif
+#endif
+
+#ifndef GUARD_SANITIZED
+static bool fi_on;
+static long fi_fail_at; /* 1-based index of the allocation to fail in the window; 0: none */
+static long fi_count;   /* allocations attempted in the window by this executable's code */
+static long fi_live;    /* allocations minus frees in the window (any caller) */
+
+void *__libc_malloc(size_t n);
+void *__libc_calloc(size_t count, size_t size);
+void *__libc_realloc(void *p, size_t n);
+void __libc_free(void *p);
+extern char __executable_start[], etext[];
+
+static bool
+fi_should_fail(const void *caller)
+{
+    if (!fi_on || (const char *)caller < __executable_start || (const char *)caller >= etext)
+        return false;
+    return ++fi_count == fi_fail_at;
+}
+
+void *
+malloc(size_t n)
+{
+    if (fi_should_fail(__builtin_return_address(0)))
+        return NULL;
+    void *p = __libc_malloc(n);
+    if (p && fi_on)
+        fi_live++;
+    return p;
+}
+
+void *
+calloc(size_t count, size_t size)
+{
+    if (fi_should_fail(__builtin_return_address(0)))
+        return NULL;
+    void *p = __libc_calloc(count, size);
+    if (p && fi_on)
+        fi_live++;
+    return p;
+}
+
+void *
+realloc(void *p, size_t n)
+{
+    if (fi_should_fail(__builtin_return_address(0)))
+        return NULL;
+    void *q = __libc_realloc(p, n);
+    if (fi_on && !p && q)
+        fi_live++;
+    else if (fi_on && p && n == 0)
+        fi_live--;
+    return q;
+}
+
+void
+free(void *p)
+{
+    if (p && fi_on)
+        fi_live--;
+    __libc_free(p);
+}
+#endif
+
 /* ---- Helpers ---- */
 
 static struct guard *
@@ -223,7 +301,7 @@ test_guard_config_override_token_loop(void **state)
     /* GUARDS.md: token_loop is off unless enabled by config or request */
     assert_int_equal(override(&c, "{\"token_loop\": true}", err, sizeof(err)), 0);
     assert_true(guard_config_active(&c, GUARD_TOKEN_LOOP));
-    assert_true(c.value[GUARD_TOKEN_LOOP] == 3);
+    assert_int_equal(guard_config_int(&c, GUARD_TOKEN_LOOP), 3);
     assert_int_equal(override(&c, "{\"token_loop\": 4}", err, sizeof(err)), -EINVAL);
     assert_int_equal(override(&c, "{\"token_loop\": 2}", err, sizeof(err)), 0);
     /* --no-guards: a request turns nothing on */
@@ -231,6 +309,8 @@ test_guard_config_override_token_loop(void **state)
     c.enabled = false;
     assert_int_equal(override(&c, "{\"token_loop\": 3}", err, sizeof(err)), 0);
     assert_false(guard_config_active(&c, GUARD_TOKEN_LOOP));
+    assert_int_equal(guard_config_int(&c, GUARD_TOKEN_LOOP), 0);
+    assert_int_equal(guard_config_int(&c, GUARD_NAME_RUN_CAP), 0);
 }
 
 /* ---- name_run_cap ---- */
@@ -652,6 +732,45 @@ test_guard_new_rejects_bad_arguments(void **state)
     guard_free(NULL);
 }
 
+/* ---- Allocation failures ---- */
+
+static void
+test_guard_new_allocation_failures(void **state)
+{
+    (void)state;
+#ifdef GUARD_SANITIZED
+    skip();
+#else
+    struct history h = {.n_msg = 0};
+    struct guard_config c;
+    history_add(&h, "bash", "{ \"command\": \"cargo build\" }", "cargo: command not found");
+    history_add(&h, "read_file", "{\"path\": \"/a\", \"n\": [1, 2, {\"x\": null}]}", "ok");
+    guard_config_init(&c);
+    int n_fail = 0;
+    for (long at = 1;; at++) {
+        struct guard *g = NULL;
+        fi_count = 0;
+        fi_live = 0;
+        fi_fail_at = at;
+        fi_on = true;
+        int rc = guard_new(&c, h.msg, h.n_msg, &g);
+        if (rc == 0) {
+            assert_int_equal(call(g, "bash", "{\"command\":\"cargo test\"}"),
+                             GUARD_PERMANENT_FAILURE);
+            guard_free(g);
+        }
+        fi_on = false;
+        assert_int_equal(fi_live, 0); /* nothing leaked, success or not */
+        if (rc == 0)
+            break;
+        assert_int_equal(rc, -ENOMEM);
+        assert_null(g);
+        n_fail++;
+    }
+    assert_true(n_fail >= 3); /* the object, the history scratch, the failures, ... */
+#endif
+}
+
 /* ---- token_loop ---- */
 
 static void
@@ -734,6 +853,7 @@ main(void)
         cmocka_unit_test(test_guard_unterminated_tool_call_threshold),
         cmocka_unit_test(test_guard_no_guards_disables_everything),
         cmocka_unit_test(test_guard_new_rejects_bad_arguments),
+        cmocka_unit_test(test_guard_new_allocation_failures),
         cmocka_unit_test(test_guard_token_loop_threshold),
         cmocka_unit_test(test_guard_token_loop_cadence),
     };

@@ -85,7 +85,8 @@ struct cm_chat_msg;
 struct json_object;
 
 /* The guards, in the order of GUARDS.md's tables. guard_name() gives the stop_reason / config key /
- * metric label of each. */
+ * metric label of each; the ids 0..GUARD_N-1 are the list of guards (e.g. to pre-create the
+ * llm_guard_trips_total{guard} series). */
 enum guard_id {
     GUARD_NONE = -1, /* "continue" */
     GUARD_NAME_RUN_CAP = 0,

@@ -23,6 +23,7 @@
 
 #include "common/cm_chat.h"
 #include "guards/guard.h"
+#include "guards/guard_toolcall.h"
 
 /* ---- Allocation-failure injection (glibc malloc replaced in this binary; skipped under
  * sanitizers, which own malloc). Only allocations made by code of this executable (libllm.a's
@@ -674,6 +675,78 @@ test_guard_permanent_failure_matched_by_tool_call_id(void **state)
     guard_free(g);
 }
 
+/* The parser's events into the guards, as the worker will do it. */
+static int
+to_guard(void *ctx, const struct guard_toolcall_event *ev)
+{
+    struct guard *g = ctx;
+    enum guard_id t = GUARD_NONE;
+    if (ev->type == GUARD_TOOLCALL_CONTENT)
+        t = guard_feed_text(g, ev->text, ev->len);
+    else if (ev->type == GUARD_TOOLCALL_CALL_END && ev->ok)
+        t = guard_feed_call(g, ev->name, ev->args, ev->args_len);
+    return t == GUARD_NONE ? 0 : 1;
+}
+
+/* Runs text through guard_toolcall into a default guard in pieces of 1..max_piece bytes. */
+static enum guard_id
+through_parser(const char *text, size_t max_piece, int *n_ok)
+{
+    struct guard *g = default_guard();
+    struct guard_toolcall *p = NULL;
+    size_t n = strlen(text), off = 0;
+    unsigned seed = 7;
+    int rc = 0;
+    assert_int_equal(guard_toolcall_new(0, &p), 0);
+    while (off < n && rc == 0) {
+        seed = seed * 1103515245u + 12345u;
+        size_t len = 1 + (seed >> 16) % max_piece;
+        if (len > n - off)
+            len = n - off;
+        rc = guard_toolcall_feed(p, text + off, len, to_guard, g);
+        off += len;
+    }
+    if (rc == 0)
+        rc = guard_toolcall_finish(p, to_guard, g);
+    assert_true(rc == 0 || rc == 1);
+    assert_int_equal(guard_toolcall_n_invalid(p), 0);
+    *n_ok = guard_toolcall_n_ok(p);
+    enum guard_id t = guard_tripped(g);
+    guard_toolcall_free(p);
+    guard_free(g);
+    return t;
+}
+
+static void
+test_guard_long_file_through_parser_does_not_trip(void **state)
+{
+    (void)state;
+    const char *line = "    assert_int_equal(run_step(ctx), 0); /* every step must pass */";
+    size_t cap = 32 * 1024, len = 0;
+    char *text = malloc(cap), *content = malloc(cap);
+    assert_non_null(text);
+    assert_non_null(content);
+    /* the file's lines inside the arguments: not content, so no content guard sees them */
+    len += (size_t)snprintf(text + len, cap - len,
+                            "I will write the test file now.\n<tool_call>\n{\"name\": "
+                            "\"write_file\", \"arguments\": {\"path\": \"t.c\", \"content\": \"");
+    for (int i = 0; i < 120; i++)
+        len += (size_t)snprintf(text + len, cap - len, "%s\\n", line);
+    len += (size_t)snprintf(text + len, cap - len, "\"}}\n</tool_call>\nThe file is written.");
+    int n_ok = 0;
+    for (size_t piece = 1; piece <= 64; piece *= 4) {
+        assert_int_equal(through_parser(text, piece, &n_ok), GUARD_NONE);
+        assert_int_equal(n_ok, 1);
+    }
+    /* the same lines as visible content are a loop */
+    len = 0;
+    for (int i = 0; i < 4; i++)
+        len += (size_t)snprintf(content + len, cap - len, "%s\n", line);
+    assert_int_equal(through_parser(content, 16, &n_ok), GUARD_LINE_REPEAT);
+    free(text);
+    free(content);
+}
+
 /* ---- unterminated_tool_call ---- */
 
 static void
@@ -850,6 +923,7 @@ main(void)
         cmocka_unit_test(test_guard_permanent_failure_phrases),
         cmocka_unit_test(test_guard_permanent_failure_primary_argument),
         cmocka_unit_test(test_guard_permanent_failure_matched_by_tool_call_id),
+        cmocka_unit_test(test_guard_long_file_through_parser_does_not_trip),
         cmocka_unit_test(test_guard_unterminated_tool_call_threshold),
         cmocka_unit_test(test_guard_no_guards_disables_everything),
         cmocka_unit_test(test_guard_new_rejects_bad_arguments),

@@ -43,9 +43,8 @@ rng(void)
     return (uint32_t)(rng_state >> 33);
 }
 
-/* Feeds text in pieces: split 0 whole, 1 byte by byte, else random pieces of 1..split bytes cut
- * at character boundaries. Returns the verdict and in *pos the number of bytes consumed up to
- * the end of the feed that tripped (0 when nothing tripped). */
+/* Feeds text whole (split 0) or byte by byte (split 1). Returns the verdict and in *pos the number
+ * of bytes consumed up to the end of the feed that tripped (0 when nothing tripped). */
 static enum guard_id
 feed_split(const struct guard_config *c, const char *text, int split, size_t *pos)
 {
@@ -55,13 +54,7 @@ feed_split(const struct guard_config *c, const char *text, int split, size_t *po
     assert_int_equal(guard_new(c, NULL, 0, &g), 0);
     *pos = 0;
     while (off < n && t == GUARD_NONE) {
-        size_t len = n - off;
-        if (split == 1)
-            len = 1;
-        else if (split > 1 && len > 1)
-            len = 1 + rng() % (uint32_t)(split < (int)len ? split : (int)len);
-        while (off + len < n && ((unsigned char)text[off + len] & 0xC0) == 0x80)
-            len++;
+        size_t len = split == 1 ? 1 : n - off;
         t = guard_feed_text(g, text + off, len);
         off += len;
         if (t != GUARD_NONE)

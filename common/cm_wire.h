@@ -108,6 +108,7 @@ struct json_object;
 #define CM_WIRE_MAX_DEADLINE_MS (7u * 24 * 3600 * 1000)
 #define CM_WIRE_MAX_PRIORITY 1000 /* priority in [-1000, 1000], higher first */
 #define CM_WIRE_MAX_LOGIT_BIAS_ABS 100.0f
+#define CM_WIRE_MAX_TOKEN_LOOP 16 /* SUBMIT token_loop repeats: 0 (off) or 2..16 (guard.h) */
 
 enum cm_wire_type {
     CM_WIRE_HELLO = 1,
@@ -330,7 +331,12 @@ int cm_wire_decode_model_info(const struct cm_wire_frame *f, struct cm_wire_mode
  *   "logprobs" [false]; "top_logprobs" [0] 0..20, non-zero only with logprobs;
  *   "deadline_ms" [0: none] 0..CM_WIRE_MAX_DEADLINE_MS, relative to the engine receiving SUBMIT;
  *   "priority" [0] -1000..1000, higher first; "add_special" [true] add BOS etc. when tokenizing
- *   the prompt; "parse_special" [false] match special-token text in the prompt.
+ *   the prompt; "parse_special" [false] match special-token text in the prompt;
+ *   "token_loop" [0: off] 0 or 2..CM_WIRE_MAX_TOKEN_LOOP: the engine-side token_loop guard
+ *       (GUARDS.md, guard_token_loop_check) with this many repeats; the worker sends its
+ *       configured value (guard_config_int(cfg, GUARD_TOKEN_LOOP)). When the output ends in a
+ *       block repeated that many times the engine finishes the sequence exactly like a CANCEL
+ *       with reason "token_loop": DONE finish "cancelled", guard "token_loop", KV freed.
  * Floats must also fit a float. Token ids are only checked against CM_WIRE_MAX_VOCAB here; the
  * engine checks them against its vocabulary. */
 struct cm_wire_logit_bias {
@@ -368,6 +374,7 @@ struct cm_wire_submit {
     int32_t priority;
     bool add_special;
     bool parse_special;
+    int32_t token_loop; /* 0: off; else the repeats, 2..CM_WIRE_MAX_TOKEN_LOOP */
 };
 
 /* Sets every field to its default (no prompt, max_tokens 0: the caller must set both). */

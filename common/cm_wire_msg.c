@@ -879,6 +879,9 @@ cm_wire_submit_validate(const struct cm_wire_submit *s, char *err, size_t err_le
     if (s->priority < -CM_WIRE_MAX_PRIORITY || s->priority > CM_WIRE_MAX_PRIORITY)
         return fail(err, err_len, -EINVAL, "submit: 'priority' out of range [-%d, %d]",
                     CM_WIRE_MAX_PRIORITY, CM_WIRE_MAX_PRIORITY);
+    if (s->token_loop != 0 && (s->token_loop < 2 || s->token_loop > CM_WIRE_MAX_TOKEN_LOOP))
+        return fail(err, err_len, -EINVAL, "submit: 'token_loop' must be 0 or in [2, %d]",
+                    CM_WIRE_MAX_TOKEN_LOOP);
     return 0;
 }
 
@@ -927,6 +930,8 @@ cm_wire_encode_submit(struct cm_wire_buf *b, uint64_t req_id, const struct cm_wi
     jadd(o, "priority", json_object_new_int64(s->priority), &ok);
     jadd(o, "add_special", json_object_new_boolean(s->add_special), &ok);
     jadd(o, "parse_special", json_object_new_boolean(s->parse_special), &ok);
+    if (s->token_loop != 0)
+        jadd(o, "token_loop", json_object_new_int64(s->token_loop), &ok);
     if (!ok) {
         json_object_put(o);
         return -ENOMEM;
@@ -1053,7 +1058,8 @@ submit_fields(const struct jctx *c, struct json_object *o, struct cm_wire_submit
         (rc = ju32(c, o, "deadline_ms", &s->deadline_ms)) < 0 ||
         (rc = ji32(c, o, "priority", &s->priority)) < 0 ||
         (rc = jbool(c, o, "add_special", &s->add_special)) < 0 ||
-        (rc = jbool(c, o, "parse_special", &s->parse_special)) < 0)
+        (rc = jbool(c, o, "parse_special", &s->parse_special)) < 0 ||
+        (rc = ji32(c, o, "token_loop", &s->token_loop)) < 0)
         return rc;
     return 0;
 }

@@ -471,6 +471,7 @@ submit_fill(struct cm_wire_submit *s, bool with_ids)
     s->priority = -5;
     s->add_special = false;
     s->parse_special = true;
+    s->token_loop = 3;
 }
 
 static void
@@ -511,6 +512,7 @@ submit_equal(const struct cm_wire_submit *s, const struct cm_wire_submit *e)
     assert_int_equal(s->priority, e->priority);
     assert_int_equal(s->add_special, e->add_special);
     assert_int_equal(s->parse_special, e->parse_special);
+    assert_int_equal(s->token_loop, e->token_loop);
 }
 
 static void
@@ -573,6 +575,7 @@ test_wire_submit_defaults(void **state)
     assert_true(s.add_special);
     assert_false(s.parse_special);
     assert_false(s.sampling.has_seed);
+    assert_int_equal(s.token_loop, 0);
     cm_wire_submit_fini(&s);
 }
 
@@ -1164,6 +1167,11 @@ test_wire_reject_submit_fields(void **state)
         {SUB(",\"deadline_ms\":-1"), -EINVAL, "'deadline_ms'"},
         {SUB(",\"priority\":1001"), -EINVAL, "'priority'"},
         {SUB(",\"priority\":-1001"), -EINVAL, "'priority'"},
+        {SUB(",\"token_loop\":1"), -EINVAL, "'token_loop' must be 0 or in [2, 16]"},
+        {SUB(",\"token_loop\":17"), -EINVAL, "'token_loop' must be 0 or in [2, 16]"},
+        {SUB(",\"token_loop\":-1"), -EINVAL, "'token_loop'"},
+        {SUB(",\"token_loop\":3.0"), -EINVAL, "'token_loop' must be an integer"},
+        {SUB(",\"token_loop\":true"), -EINVAL, "'token_loop' must be an integer"},
         {SUB(",\"stop_ids\":[-1]"), -EINVAL, "'stop_ids'[0]"},
         {SUB(",\"stop_ids\":[16777216]"), -EINVAL, "'stop_ids'[0]"},
         {"{\"prompt_ids\":[1,2,-3],\"max_tokens\":8}", -EINVAL, "'prompt_ids'[2]"},

@@ -315,15 +315,20 @@ tree16(__m512 p)
     return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
-/* a and b hold m units each, on 16 / m consecutive lanes of int32 partial sums: returns a's units
- * then b's, each on half as many lanes (adjacent lanes added; exact). */
+/*
+ * Exact integer lane merges. The step vectors of a chunk hold the partial sums of their units on L
+ * consecutive lanes (L = 8: two units of 32 elements or two Q8_0 blocks per vector, 8 vectors per
+ * chunk; L = 4: four units, 4 vectors). Merging two vectors adds the lanes of the same unit and
+ * keeps both vectors' units: levels 0 and 1 add lanes i and i + 2 of each 128-bit lane (vpunpck,
+ * no lane crossing), level 2 adds 128-bit lanes 2k and 2k + 1 (vshufi32x4). After the last level
+ * each lane holds one unit, in a fixed order that unit_order puts back in place.
+ */
 AI __m512i
-merge_units(__m512i a, __m512i b)
+merge_level(__m512i a, __m512i b, int level)
 {
-    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
-    return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b),
-                            _mm512_permutex2var_epi32(a, od, b));
+    if (level < 2)
+        return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
 }
 
 /* The merge stack of one (row, token): level b holds the merge of 2^b steps. */
@@ -332,16 +337,16 @@ struct mstack {
 };
 
 /* Adds step vector x (step k of a chunk, k a constant after unrolling) to the merge stack: after
- * the last of 2^n steps level n holds one unit per lane, in order. */
+ * the last of 2^n steps level n holds one unit per lane (unit_order). */
 AI void
 merge_push(struct mstack *st, int k, __m512i x)
 {
     if (k & 1) {
-        x = merge_units(st->l[0], x);
+        x = merge_level(st->l[0], x, 0);
         if (k & 2) {
-            x = merge_units(st->l[1], x);
+            x = merge_level(st->l[1], x, 1);
             if (k & 4) {
-                st->l[3] = merge_units(st->l[2], x);
+                st->l[3] = merge_level(st->l[2], x, 2);
                 return;
             }
             st->l[2] = x;
@@ -351,6 +356,17 @@ merge_push(struct mstack *st, int k, __m512i x)
         return;
     }
     st->l[0] = x;
+}
+
+/* The merged vector of level lv (3: 8 steps, 2: 4 steps) with unit j on lane j. */
+AI __m512i
+unit_order(const struct mstack *st, int lv)
+{
+    if (lv == 3)
+        return _mm512_permutexvar_epi32(
+            _mm512_set_epi32(15, 11, 13, 9, 14, 10, 12, 8, 7, 3, 5, 1, 6, 2, 4, 0), st->l[3]);
+    return _mm512_permutexvar_epi32(
+        _mm512_set_epi32(15, 11, 7, 3, 13, 9, 5, 1, 14, 10, 6, 2, 12, 8, 4, 0), st->l[2]);
 }
 
 /* One chunk of 16 units of a (row, token): P = fma(isum, dw * da, P), then fma(mw, s, P) for the
@@ -427,7 +443,7 @@ dot_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_a
             scales16(kt, rows[i], c, nu_c, &dw, &mw);
 #pragma GCC unroll 4
             for (int t = 0; t < T; t++) {
-                __m512i is = stk[i][t].l[lv];
+                __m512i is = unit_order(&stk[i][t], lv);
                 if (has_off)
                     is = _mm512_add_epi32(is, corr[t]);
                 acc[i][t] = chunk_update(acc[i][t], is, dw, da[t], mw, sa[t], has_min, um);
@@ -832,7 +848,7 @@ rows_batch_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,
  * These read blocks in place: a group of 4 (Q4) or 2 (Q8_0) consecutive blocks is loaded with two
  * (masked) loads and vpermt2w gathers the quant bytes, so lanes 4j..4j+3 (Q4) or 8j..8j+7 (Q8_0)
  * all belong to block j of the group. The groups of a chunk of 16 blocks are merged into one block
- * per lane (merge_units) and scaled once per chunk, in the canonical order; vpermw puts each
+ * per lane (merge_push) and scaled once per chunk, in the canonical order; vpermw puts each
  * group's fp16 scales (and mins) on the chunk's lanes of those blocks.
  * Q4_0/Q4_1 activations are re-laid out per group of 4 blocks (act->prep, 128 bytes per group and
  * token): lo[64] = elements 0..15 of each block, hi[64] = elements 16..31. Q8_0 reads act->q as it
@@ -992,7 +1008,7 @@ fast_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_
                                 : _mm512_setzero_ps();
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                __m512i isum = stk[i][t].l[lv];
+                __m512i isum = unit_order(&stk[i][t], lv);
                 if (!has_min)
                     isum = _mm512_add_epi32(isum, corr[t]);
                 acc[i][t] = chunk_update(acc[i][t], isum, dw, da[t], mw, sa[t], has_min, um);

@@ -86,6 +86,9 @@ def decode_accepted(payload):
     return {"prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens}
 
 
+TOKEN_TOP_TEXT = 1 << 2  # cm_wire.h CM_WIRE_TOKEN_TOP_TEXT
+
+
 def decode_token(payload):
     assert len(payload) >= TOKEN_FIXED.size, f"TOKEN payload of {len(payload)} bytes"
     id_, flags, logprob, n_top, text_len = TOKEN_FIXED.unpack_from(payload)
@@ -93,8 +96,16 @@ def decode_token(payload):
     top = [struct.unpack_from("<if", payload, off + 8 * i) for i in range(n_top)]
     off += 8 * n_top
     text = payload[off:off + text_len]
-    assert len(payload) == off + text_len, "TOKEN payload length does not match its counts"
-    return {"id": id_, "flags": flags, "logprob": logprob, "top": top, "text": text}
+    off += text_len
+    top_text = []
+    if flags & TOKEN_TOP_TEXT:  # n_top x (u16 len, bytes)
+        for _ in range(n_top):
+            (n,) = struct.unpack_from("<H", payload, off)
+            top_text.append(payload[off + 2:off + 2 + n])
+            off += 2 + n
+    assert len(payload) == off, "TOKEN payload length does not match its counts"
+    return {"id": id_, "flags": flags, "logprob": logprob, "top": top, "text": text,
+            "top_text": top_text}
 
 
 # ---- A connection ----

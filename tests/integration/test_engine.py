@@ -678,6 +678,10 @@ def test_engine_logprobs_when_asked(engines):
         for t in r.tokens:
             assert t["flags"] & 1 and len(t["top"]) == 3, t
             assert t["top"][0][0] == t["id"] and t["top"][0][1] == pytest.approx(t["logprob"]), t
+            # Each alternative comes with its text; the sampled one's is the token's own.
+            assert t["flags"] & 4 and len(t["top_text"]) == 3, t
+            assert t["top_text"][0] == t["text"] or t["flags"] & 2, t
+            assert all(len(x) > 0 for x in t["top_text"]), t
         r = alone(c, PROMPTS[0], 6, req_id=2)
         assert all(t["top"] == [] for t in r.tokens), r
 

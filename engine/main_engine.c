@@ -10,6 +10,13 @@
  * A bad frame closes only its own connection. A closed connection cancels its sequences.
  * SIGTERM/SIGINT: stop accepting, let running sequences finish within the grace period, cancel the
  * rest, exit 0.
+ *
+ * Guards: the engine is the single source of truth for guard trips (GUARDS.md). STATS_REPLY
+ * carries "guard_trips": {"<guard name>": n, ...} with every name of guard.h present (0 when
+ * none): the CANCEL frames received whose reason is a guard name (counted on receipt, whether or
+ * not the sequence was still live, since the worker's trip happened either way) plus the trips the
+ * scheduler detected itself (token_loop, enabled per request by SUBMIT's "token_loop"; logged
+ * there with one WARN line per trip). The worker logs its own trips; the engine does not.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,6 +45,7 @@
 #include "engine/model_cuda.h"
 #include "engine/sched.h"
 #include "engine/tokenizer.h"
+#include "guards/guard.h"
 #include "kernels/kern.h"
 
 /* ---- Options ---- */
@@ -282,6 +290,7 @@ struct engine {
     uint64_t started_ns;
     uint64_t rejected_full;
     uint64_t frames_rejected;
+    uint64_t guard_cancels[GUARD_N]; /* CANCEL frames whose reason is a guard name */
     size_t out_bound;
 };
 
@@ -566,6 +575,11 @@ stats_json(const struct engine *e)
     if (s.cancels_other)
         json_object_object_add(can, "other", json_object_new_uint64(s.cancels_other));
     json_object_object_add(o, "cancels", can);
+    struct json_object *trips = json_object_new_object();
+    for (int g = 0; g < GUARD_N; g++)
+        json_object_object_add(trips, guard_name((enum guard_id)g),
+                               json_object_new_uint64(e->guard_cancels[g] + s.guard_trips[g]));
+    json_object_object_add(o, "guard_trips", trips);
     json_object_object_add(o, "ttft_ms", hist_json(&s.ttft));
     json_object_object_add(o, "itl_ms", hist_json(&s.itl));
     return o;
@@ -631,6 +645,7 @@ handle_submit(struct engine *e, struct conn *c, const struct cm_wire_frame *f, u
         .priority = sub.priority,
         .owner = c,
         .req_id = f->req_id,
+        .token_loop = sub.token_loop,
     };
     eng_sampler_params_default(&req.sampling);
     const struct cm_wire_sampling *ws = &sub.sampling;
@@ -722,6 +737,9 @@ handle_frame(struct engine *e, struct conn *c, const struct cm_wire_frame *f, ui
             send_error(c, f->req_id, -EPROTO, 0, err);
             return -EPROTO;
         }
+        enum guard_id g;
+        if (guard_from_name(m.reason, &g) == 0)
+            e->guard_cancels[g]++;
         int i = live_find(c, f->req_id);
         if (i >= 0)
             eng_sched_cancel(e->sched, c->live[i].seq_id, m.reason);

@@ -38,6 +38,7 @@ struct seq {
     struct eng_sampler *sampler;
     struct eng_kv_seq kv; /* kv.n_tokens: positions computed */
     int n_preempted;
+    int token_loop; /* token_loop guard repeats; 0: off */
 
     uint64_t deadline_ns;
     uint64_t t_submit, t_admit, t_first, t_last, paused_since;
@@ -393,6 +394,8 @@ req_check(const struct eng_sched *s, const struct eng_sched_req *r)
     if (r->prompt == NULL || r->n_prompt < 1 || r->max_tokens < 1 || r->n_stop < 0 ||
         (r->n_stop > 0 && r->stop_tokens == NULL))
         return -EINVAL;
+    if (r->token_loop != 0 && (r->token_loop < 2 || r->token_loop > ENG_SCHED_MAX_TOKEN_LOOP))
+        return -EINVAL;
     for (int i = 0; i < r->n_prompt; i++)
         if (r->prompt[i] < 0 || r->prompt[i] >= s->model.n_vocab)
             return -EINVAL;
@@ -441,6 +444,7 @@ seq_new(struct eng_sched *s, const struct eng_sched_req *r, uint64_t now, struct
     q->req_id = r->req_id;
     q->priority = r->priority;
     q->deadline_ns = r->deadline_ns;
+    q->token_loop = r->token_loop;
     q->t_submit = now;
     *out = q;
     return 0;
@@ -813,6 +817,16 @@ emit_one(struct eng_sched *s, struct seq *q, float *logits)
     }
     if (s->ev.on_token)
         s->ev.on_token(s->ev.ctx, q->owner, q->req_id, q->id, &smp, q->n_gen - 1);
+    if (q->token_loop > 0 && !q->cancel &&
+        guard_token_loop_check(q->toks + q->n_prompt, q->n_gen, q->token_loop)) {
+        const char *name = guard_name(GUARD_TOKEN_LOOP);
+        CM_LOG(CM_LOG_WARN, "guard trip req=%llu seq=%llu guard=%s completion_tokens=%d",
+               (unsigned long long)q->req_id, (unsigned long long)q->id, name, q->n_gen);
+        s->st.guard_trips[GUARD_TOKEN_LOOP]++;
+        mark_cancel(q, name);
+        seq_finish(s, q, ENG_SCHED_FINISH_CANCELLED, 0, -1);
+        return;
+    }
     /* The context (or the whole pool) cannot take the token just emitted: stop here. */
     if (q->n_gen >= q->max_tokens || q->n_toks >= s->n_ctx_eff)
         seq_finish(s, q, ENG_SCHED_FINISH_LENGTH, 0, -1);

@@ -33,7 +33,13 @@
  *   6. For each sequence with logits (decodes, and prefills that reached their last token): check
  *      its cancel flag (a cancel set by a callback earlier in this tick wins over the token),
  *      sample with its own sampler (history: its generated tokens), emit TOKEN, and finish on EOS,
- *      a stop token, max_tokens or a full context.
+ *      a stop token, the token_loop guard, max_tokens or a full context.
+ * token_loop (GUARDS.md, engine side): a request with token_loop = R > 0 has its generated ids
+ * checked by guard_token_loop_check(ids, n_gen, R) after each emitted token; when it trips, the
+ * sequence is finished within that tick exactly like a cancel with reason "token_loop" (DONE
+ * CANCELLED, cancel_reason "token_loop", blocks released, counted in cancels[] and in
+ * guard_trips[GUARD_TOKEN_LOOP]), the token that completed the loop having been emitted. One WARN
+ * line per trip (req id, seq id, guard name). It is checked before max_tokens / context full.
  * A forward error finishes every sequence of that batch with ERROR; a sampling error finishes its
  * sequence with ERROR. No path waits: a tick runs or skips, it never blocks. A sequence can never
  * hold more positions than the pool has blocks for (submit rejects longer prompts, generation
@@ -54,6 +60,9 @@
 #include <stdint.h>
 
 #include "engine/sampler.h"
+#include "guards/guard.h"
+
+#define ENG_SCHED_N_GUARDS GUARD_N
 
 struct eng_kv_pool;
 struct eng_batch;
@@ -159,12 +168,16 @@ struct eng_sched_req {
     int priority;         /* larger is admitted first; default 0 */
     void *owner;          /* opaque (the connection), handed back in events */
     uint64_t req_id;      /* opaque (the wire request id), handed back in events */
+    int token_loop;       /* token_loop guard repeats: 0 off, else 2..ENG_SCHED_MAX_TOKEN_LOOP */
 };
+
+#define ENG_SCHED_MAX_TOKEN_LOOP 16
 
 /* Queues a request at time now_ns; *seq_id_out gets its id (never 0). Returns 0, -EAGAIN (the
  * queue holds max_queue requests), -E2BIG (n_prompt + 1 > n_ctx, or more blocks than the whole
  * pool has), -EINVAL (an empty prompt, a token id outside the vocabulary, max_tokens < 1, bad
- * sampling parameters, n_stop < 0) or -ENOMEM. Nothing is emitted for a rejected request. */
+ * sampling parameters, n_stop < 0, token_loop not 0 nor in 2..ENG_SCHED_MAX_TOKEN_LOOP) or
+ * -ENOMEM. Nothing is emitted for a rejected request. */
 int eng_sched_submit(struct eng_sched *s, const struct eng_sched_req *req, uint64_t now_ns,
                      uint64_t *seq_id_out);
 
@@ -264,6 +277,9 @@ struct eng_sched_stats {
         uint64_t n;
     } cancels[ENG_SCHED_MAX_CANCEL_REASONS];
     uint64_t cancels_other; /* reasons beyond the table */
+    /* Guard trips the scheduler itself detected, by enum guard_id (guards/guard.h): only
+     * token_loop so far. Trips named by a worker's CANCEL are counted by the engine daemon. */
+    uint64_t guard_trips[ENG_SCHED_N_GUARDS];
 };
 
 void eng_sched_get_stats(const struct eng_sched *s, struct eng_sched_stats *out);

@@ -350,18 +350,24 @@ emit_histogram(FILE *f, const char *key, struct json_object *h)
     }
 }
 
-/* {"eos": 3, "length": 1} -> llm_engine_<key>_total{reason="eos"} 3 */
+/* {"eos": 3, "length": 1} -> llm_engine_<key>_total{reason="eos"} 3; the engine's "guard_trips"
+ * object is GUARDS.md's llm_guard_trips_total{guard="name_run_cap"} 1. */
 static void
 emit_labelled(FILE *f, const char *key, struct json_object *o)
 {
     char name[160];
-    metric_name(name, sizeof(name), "llm_engine_", key, "_total");
-    fprintf(f, "# HELP %s llm-engine %s by reason\n# TYPE %s counter\n", name, key, name);
+    bool guards = strcmp(key, "guard_trips") == 0;
+    const char *label = guards ? "guard" : "reason";
+    if (guards)
+        snprintf(name, sizeof(name), "llm_guard_trips_total");
+    else
+        metric_name(name, sizeof(name), "llm_engine_", key, "_total");
+    fprintf(f, "# HELP %s llm-engine %s by %s\n# TYPE %s counter\n", name, key, label, name);
     json_object_object_foreach(o, k, v)
     {
         if (!is_number(v))
             continue;
-        fprintf(f, "%s{reason=\"", name);
+        fprintf(f, "%s{%s=\"", name, label);
         label_value(f, k);
         fputs("\"} ", f);
         print_number(f, v);

@@ -294,6 +294,7 @@ test_fcgi_server_metrics_text(void **state)
     const char *stats = "{\"requests_submitted\": 7, \"running\": 2, \"kv_blocks_total\": 64,"
                         " \"finished_by\": {\"eos\": 3, \"length\": 1},"
                         " \"cancels\": {\"client_disconnect\": 1, \"we\\\"ird\": 2},"
+                        " \"guard_trips\": {\"name_run_cap\": 1, \"token_loop\": 0},"
                         " \"ttft_ms\": {\"count\": 4, \"sum\": 12.5,"
                         "   \"buckets\": [[1, 1], [10, 3], [\"+Inf\", 4]]}}";
     char *text = NULL;
@@ -306,6 +307,9 @@ test_fcgi_server_metrics_text(void **state)
         "llm_engine_kv_blocks_total 64\n",
         "llm_engine_finished_by_total{reason=\"eos\"} 3\n",
         "llm_engine_cancels_total{reason=\"we\\\"ird\"} 2\n",
+        "# TYPE llm_guard_trips_total counter\n",
+        "llm_guard_trips_total{guard=\"name_run_cap\"} 1\n",
+        "llm_guard_trips_total{guard=\"token_loop\"} 0\n",
         "# TYPE llm_engine_ttft_ms histogram\n",
         "llm_engine_ttft_ms_bucket{le=\"1\"} 1\n",
         "llm_engine_ttft_ms_bucket{le=\"10\"} 3\n",
@@ -322,6 +326,7 @@ test_fcgi_server_metrics_text(void **state)
     }
     /* Every sample line belongs to a metric declared with HELP and TYPE before it. */
     assert_null(strstr(text, "llm_engine_kv_blocks_total_total"));
+    assert_null(strstr(text, "llm_engine_guard_trips"));
     free(text);
     assert_int_equal(fcgi_server_metrics_text(&f->ctx, "not json", &text), 0);
     assert_non_null(strstr(text, "llm_engine_up 0\n"));

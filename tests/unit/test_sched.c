@@ -29,6 +29,7 @@
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "engine/sched.h"
+#include "guards/guard.h"
 
 #define N_VOCAB 64
 #define MAX_IDS 2048 /* seq ids a test may use */
@@ -48,6 +49,7 @@ struct fake {
     int last_n_tokens;
     int last_n_logits;
     int mixed_batches; /* batches holding a decode token and a prefill chunk */
+    int cycle;         /* > 0: the next token is (last token + 1) % cycle by a wide margin */
 };
 
 static uint32_t
@@ -150,6 +152,10 @@ fake_forward(void *ctx, struct eng_kv_pool *kv, const struct eng_batch *b, float
             h = hash_step(h, (int32_t)kv_row(kv, s, p, false)[0], p);
         }
         fill_logits(h, logits + (size_t)r * (size_t)f->n_vocab, f->n_vocab);
+        if (f->cycle > 0) {
+            int32_t last = (int32_t)kv_row(kv, s, b->pos[idx], false)[0];
+            logits[(size_t)r * (size_t)f->n_vocab + (size_t)((last + 1) % f->cycle)] = 20.0f;
+        }
     }
     return 0;
 }
@@ -386,13 +392,15 @@ h_free(struct h *h)
     free(h);
 }
 
-/* Submits a request; returns the seq id, or 0 with *rc set when rejected. */
+/* Submits a request (token_loop: the guard's repeats, 0 off); returns the seq id, or 0 with *rc
+ * set when rejected. */
 static uint64_t
-h_submit_ex(struct h *h, const int32_t *prompt, int n_prompt, int max_tokens,
-            const struct eng_sampler_params *sp, const int32_t *stop, int n_stop, void *owner,
-            uint64_t deadline, int priority, int *rc_out)
+h_submit_loop(struct h *h, const int32_t *prompt, int n_prompt, int max_tokens,
+              const struct eng_sampler_params *sp, const int32_t *stop, int n_stop, void *owner,
+              uint64_t deadline, int priority, int token_loop, int *rc_out)
 {
     struct eng_sched_req req = {
+        .token_loop = token_loop,
         .prompt = prompt,
         .n_prompt = n_prompt,
         .max_tokens = max_tokens,
@@ -427,6 +435,15 @@ h_submit_ex(struct h *h, const int32_t *prompt, int n_prompt, int max_tokens,
     r->n_stop = n_stop;
     r->deadline = deadline;
     return id;
+}
+
+static uint64_t
+h_submit_ex(struct h *h, const int32_t *prompt, int n_prompt, int max_tokens,
+            const struct eng_sampler_params *sp, const int32_t *stop, int n_stop, void *owner,
+            uint64_t deadline, int priority, int *rc_out)
+{
+    return h_submit_loop(h, prompt, n_prompt, max_tokens, sp, stop, n_stop, owner, deadline,
+                         priority, 0, rc_out);
 }
 
 static uint64_t
@@ -1509,6 +1526,92 @@ test_sched_cancel_reason_table(void **state)
     h_free(h);
 }
 
+/* ---- token_loop ---- */
+
+/* A model caught in a cycle of 5 tokens with token_loop 3: the check first runs at 48 generated
+ * tokens, where the last 15 are three repeats of the period; the sequence ends in that tick like a
+ * cancel named token_loop, its blocks back in the pool, while a neighbour without the guard (same
+ * cycle) and one with it that does not loop run on. */
+static void
+test_sched_token_loop_trips(void **state)
+{
+    (void)state;
+    struct h *h = h_new(64, 512, 4, 64);
+    h->fake.cycle = 5;
+    struct eng_sampler_params sp = greedy();
+    int32_t prompt[6] = {40, 41, 42, 43, 44, 3};
+    int rc = 0;
+    uint64_t a = h_submit_loop(h, prompt, 6, 200, &sp, NULL, 0, NULL, 0, 0, 3, &rc);
+    assert_int_equal(rc, 0);
+    uint64_t b = h_submit_loop(h, prompt, 6, 60, &sp, NULL, 0, NULL, 0, 0, 0, &rc);
+    assert_int_equal(rc, 0);
+    for (int i = 0; i < 47; i++)
+        h_step(h);
+    assert_int_equal(h->recs[a].n_toks, 47);
+    assert_int_equal(h->recs[a].n_done, 0);
+    struct eng_sched_seq_info info;
+    assert_int_equal(eng_sched_seq_info(h->s, a, &info), 0);
+    assert_true(info.n_blocks > 0);
+    int used_before = eng_kv_pool_n_blocks(h->kv) - eng_kv_pool_n_free(h->kv);
+    h_step(h); /* token 48 completes the third repeat */
+    assert_int_equal(h->recs[a].n_done, 1);
+    assert_int_equal(h->recs[a].done.finish, ENG_SCHED_FINISH_CANCELLED);
+    assert_string_equal(h->recs[a].reason, "token_loop");
+    assert_int_equal(h->recs[a].n_toks, 48);
+    assert_int_equal(h->recs[a].done.completion_tokens, 48);
+    for (int i = 0; i < 48; i++)
+        assert_int_equal(h->recs[a].toks[i], (4 + i) % 5); /* 3 -> 4, 0, 1, ... */
+    assert_int_equal(eng_sched_seq_info(h->s, a, &info), -ENOENT);
+    int used_after = eng_kv_pool_n_blocks(h->kv) - eng_kv_pool_n_free(h->kv);
+    assert_true(used_after < used_before);
+    struct eng_sched_stats st;
+    eng_sched_get_stats(h->s, &st);
+    assert_int_equal(st.guard_trips[GUARD_TOKEN_LOOP], 1);
+    for (int g = 0; g < GUARD_N; g++)
+        if (g != GUARD_TOKEN_LOOP)
+            assert_int_equal(st.guard_trips[g], 0);
+    assert_int_equal(st.finished_by[ENG_SCHED_FINISH_CANCELLED], 1);
+    assert_int_equal(st.n_cancel_reasons, 1);
+    assert_string_equal(st.cancels[0].reason, "token_loop");
+    /* B, the same cycle without the guard, runs to max_tokens. */
+    h_run_all(h, true);
+    assert_int_equal(h->recs[b].done.finish, ENG_SCHED_FINISH_LENGTH);
+    assert_int_equal(h->recs[b].n_toks, 60);
+    eng_sched_get_stats(h->s, &st);
+    assert_int_equal(st.guard_trips[GUARD_TOKEN_LOOP], 1);
+    h_free(h);
+}
+
+/* token_loop on a sequence that does not loop changes nothing; bad values are rejected. */
+static void
+test_sched_token_loop_no_loop(void **state)
+{
+    (void)state;
+    struct h *h = h_new(64, 512, 4, 64);
+    struct eng_sampler_params sp = greedy();
+    int32_t prompt[MAX_TOK];
+    make_prompt(prompt, 9, 321);
+    int rc = 0;
+    uint64_t id = h_submit_loop(h, prompt, 9, 120, &sp, NULL, 0, NULL, 0, 0, 2, &rc);
+    assert_int_equal(rc, 0);
+    h_run_all(h, true);
+    struct ref ref;
+    h_ref(h, id, &ref);
+    /* The reference (no guard) must itself be loop-free for this test to mean anything. */
+    for (int n = 1; n <= ref.n; n++)
+        assert_false(guard_token_loop_check(ref.toks, n, 2));
+    assert_matches_ref(h, id);
+    int bad[] = {1, -1, ENG_SCHED_MAX_TOKEN_LOOP + 1};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_int_equal(h_submit_loop(h, prompt, 9, 10, &sp, NULL, 0, NULL, 0, 0, bad[i], &rc), 0);
+        assert_int_equal(rc, -EINVAL);
+    }
+    struct eng_sched_stats st;
+    eng_sched_get_stats(h->s, &st);
+    assert_int_equal(st.guard_trips[GUARD_TOKEN_LOOP], 0);
+    h_free(h);
+}
+
 /* ---- Randomized stress ---- */
 
 static uint32_t
@@ -1654,6 +1757,8 @@ main(void)
         cmocka_unit_test(test_sched_alloc_failures),
         cmocka_unit_test(test_sched_stats),
         cmocka_unit_test(test_sched_cancel_reason_table),
+        cmocka_unit_test(test_sched_token_loop_trips),
+        cmocka_unit_test(test_sched_token_loop_no_loop),
         cmocka_unit_test(test_sched_stress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

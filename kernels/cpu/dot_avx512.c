@@ -7,23 +7,24 @@
  *   unpack64(e0)  the 64 canonical bytes qc of elements [e0, e0 + 64) of a row, natural order
  *   scales16(c)   dw and mw of the 16 scale units of chunk c (16 * unit elements)
  *
- * Small batches (rows_*, n_tok < batch_min): a tile of up to four rows is unpacked 64 elements at
- * a time and applied to the tokens held in registers (4 rows x 1 token, 2 x 2, 1 x 3 or 1 x 4).
- * vpdpbusd multiplies the unsigned qc by the signed activations; the offset of the offset types
- * enters as the per-dword correction dcorr the activation quantizer stored, so each lane's integer
- * sum is exact. Lane l of a 64-element step belongs to one unit; the f32 scales dw * da of the
- * chunk's 16 units are spread onto the lanes with vpermps. Q4_0, Q4_1 and Q8_0, the common types,
+ * Small batches (rows_*, n_tok < batch_min): a tile of up to four (row, token) pairs (4 rows x 1
+ * token, 2 x 2, 1 x 3 or 1 x 4) is unpacked 64 elements at a time. vpdpbusd multiplies the
+ * unsigned qc by the signed activations into per-step partials (units on consecutive lanes); per
+ * chunk of 16 units exact integer lane merges (merge_push) give one unit per lane, the offset
+ * types add the unit's correction corr, and the chunk is scaled once in the canonical order of
+ * matmul.c (16 unit-class partials, tree16 at the end). Q4_0, Q4_1 and Q8_0, the common types,
  * have their own kernels that read whole block groups in place ("Small-batch kernels for Q4_0,
  * Q4_1 and Q8_0" below) and prefetch ahead of the hardware prefetchers.
  *
- * Large batches (rows_batch_*, from batch_min = 5 tokens, so batched decode too): 32 rows at a
+ * Large batches (rows_batch_*, from batch_min = 3 tokens, so batched decode too): 32 rows at a
  * time are converted to canonical form and interleaved so that a zmm holds the same 4 elements of
  * 16 rows; the activations' 4-byte groups are then broadcast, and one vpdpbusd does 16 rows x 4
  * elements. Per unit and token the integer sums start from the unit's correction corr, and are
- * scaled once: 8 (unit 32) vpdpbusd per cvt + mul + fma, and the outputs of 16 rows come out in
- * one vector (no horizontal sums). Weights are read once per call and reused from L1/L2 for every
- * token tile. Q4_0, Q4_1 and Q8_0 build the tile straight from their blocks (4x4 dword transposes
- * in registers, the next tile prefetched to L2), cheap enough to pay off from 5 tokens.
+ * scaled once: 8 (unit 32) vpdpbusd per cvt + mul + fma into the partial of the unit's class
+ * (u mod 16, kept in L1), and the outputs of 16 rows come out of the tree in one vector. Weights
+ * are read once per call and reused from L1/L2 for every token tile. Q4_0, Q4_1 and Q8_0 build the
+ * tile straight from their blocks (4x4 dword transposes in registers, the next tile prefetched to
+ * L2), cheap enough to pay off from 3 tokens.
  *
  * Float weights: tiles of 4 rows (converted to f32) x 4 tokens of f32 FMAs.
  */
@@ -462,7 +463,7 @@ dot_tile(int kt, const struct kern_matrix *w, int64_t r, const struct kern_cpu_a
 #define BT_ROWS 32 /* rows per interleaved tile: two zmm of 16 rows */
 #define BT_TOK 4   /* tokens per register tile */
 #ifndef BATCH_MIN
-#define BATCH_MIN 5 /* from here the batch kernel beats 4-token tiles (kbench, bench/NOTES.md) */
+#define BATCH_MIN 3 /* from here the batch kernel beats the small-batch tiles (bench/NOTES.md) */
 #endif
 
 /* An interleaved tile of 32 rows: q[g] holds, for dword k of the row, 16 rows x 4 bytes at

@@ -52,7 +52,7 @@
  * that lost its core does not hold the others up. Below the ISA's batch_min tokens the small-batch
  * kernel (rows) unpacks each weight row once per tile of up to four tokens; from batch_min on the
  * batch kernel (rows_batch) converts a tile of rows once and runs every token over it (AVX-512:
- * from 5 tokens, so batched decode of 5..64 sequences takes it). Either way the weights are read
+ * from 3 tokens, so batched decode of 3..64 sequences takes it). Either way the weights are read
  * from memory once per call.
  */
 #include <errno.h>

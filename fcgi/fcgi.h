@@ -25,6 +25,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "guards/guard.h"
+
 struct fcgi_engine;
 struct fcgi_dump;
 
@@ -37,15 +39,17 @@ struct fcgi_conf {
     const char *api_keys[FCGI_MAX_API_KEYS]; /* --api-key (repeatable) and --api-key-file lines */
     int n_api_keys;                          /* 0: no authentication */
     size_t max_body_bytes;                   /* --max-body-bytes (4 MiB) */
-    const char *cors_origin; /* --cors-origin ("*" or an origin), NULL: no CORS headers */
-    const char *base_path;   /* --base-path prefix stripped before routing, NULL: none */
-    bool any_model_name;     /* --any-model-name: accept any "model" value */
-    const char *model_name;  /* --model-name: the id served, overriding the engine's */
-    int request_timeout_s;   /* --request-timeout (600): engine deadline and worker bound */
-    int heartbeat_s;         /* --heartbeat-seconds (15): ": keep-alive" while idle */
-    int default_max_tokens;  /* --default-max-tokens (0: up to the context) */
-    const char *dump_path;   /* --dump FILE, NULL: none */
-    int log_level;           /* --log-level (CM_LOG levels) */
+    const char *cors_origin;    /* --cors-origin ("*" or an origin), NULL: no CORS headers */
+    const char *base_path;      /* --base-path prefix stripped before routing, NULL: none */
+    bool any_model_name;        /* --any-model-name: accept any "model" value */
+    const char *model_name;     /* --model-name: the id served, overriding the engine's */
+    int request_timeout_s;      /* --request-timeout (600): engine deadline and worker bound */
+    int heartbeat_s;            /* --heartbeat-seconds (15): ": keep-alive" while idle */
+    int default_max_tokens;     /* --default-max-tokens (0: up to the context) */
+    const char *dump_path;      /* --dump FILE, NULL: none */
+    int log_level;              /* --log-level (CM_LOG levels) */
+    struct guard_config guards; /* --guard-<name> N, --no-guards (GUARDS.md defaults) */
+    bool allow_guard_overrides; /* --allow-request-guard-overrides: a request's "guards" */
 };
 
 /* Worker counters, exported on /metrics with the prefix llm_fcgi_ (this process only). */

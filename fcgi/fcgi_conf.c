@@ -36,7 +36,17 @@ enum {
     OPT_DUMP,
     OPT_LOG_LEVEL,
     OPT_CONFIG,
+    OPT_NO_GUARDS,
+    OPT_ALLOW_OVERRIDES,
+    OPT_GUARD_BASE = 2000, /* OPT_GUARD_BASE + enum guard_id: --guard-<name> */
 };
+
+/* Both spellings of every --guard-<name> flag ("guard-name-run-cap", "guard-name_run_cap"). */
+#define GUARD_OPT(dash, under, id)                                                                 \
+    {"guard-" dash, required_argument, 0, OPT_GUARD_BASE + (id)},                                  \
+    {                                                                                              \
+        "guard-" under, required_argument, 0, OPT_GUARD_BASE + (id)                                \
+    }
 
 static const struct option longopts[] = {
     {"engine", required_argument, 0, OPT_ENGINE},
@@ -55,6 +65,17 @@ static const struct option longopts[] = {
     {"dump", required_argument, 0, OPT_DUMP},
     {"log-level", required_argument, 0, OPT_LOG_LEVEL},
     {"config", required_argument, 0, OPT_CONFIG},
+    {"no-guards", no_argument, 0, OPT_NO_GUARDS},
+    {"allow-request-guard-overrides", no_argument, 0, OPT_ALLOW_OVERRIDES},
+    GUARD_OPT("name-run-cap", "name_run_cap", GUARD_NAME_RUN_CAP),
+    GUARD_OPT("identical-call", "identical_call", GUARD_IDENTICAL_CALL),
+    GUARD_OPT("repeated-call-history", "repeated_call_history", GUARD_REPEATED_CALL_HISTORY),
+    GUARD_OPT("tool-call-cap", "tool_call_cap", GUARD_TOOL_CALL_CAP),
+    GUARD_OPT("permanent-failure", "permanent_failure", GUARD_PERMANENT_FAILURE),
+    GUARD_OPT("line-repeat", "line_repeat", GUARD_LINE_REPEAT),
+    GUARD_OPT("sentence-loop", "sentence_loop", GUARD_SENTENCE_LOOP),
+    GUARD_OPT("unterminated-tool-call", "unterminated_tool_call", GUARD_UNTERMINATED_TOOL_CALL),
+    GUARD_OPT("token-loop", "token_loop", GUARD_TOKEN_LOOP),
     {"help", no_argument, 0, OPT_HELP},
     {"version", no_argument, 0, OPT_VERSION},
     {0, 0, 0, 0},
@@ -99,6 +120,31 @@ fcgi_conf_usage(FILE *f)
         "      --log-level L           debug, info, warn, error or off (default info)\n"
         "      --config FILE           'key = value' lines with the long flag names; flags on\n"
         "                              the command line win (default: none)\n"
+        "\n"
+        "Loop guards (GUARDS.md): a trip ends the response with finish_reason \"length\",\n"
+        "stop_reason = the guard's name (tool_loop_capped for the tool-loop guards) and cancels\n"
+        "the engine sequence. Each flag also takes '_' (--guard-name_run_cap); 0 disables one.\n"
+        "      --guard-name-run-cap N  the N-th call in a row to the same function (default 8)\n"
+        "      --guard-identical-call R  an identical call twice in a row, or 3 times among the\n"
+        "                              last R calls (default 4; 0 or 3..64)\n"
+        "      --guard-repeated-call-history R  over the conversation's calls: 5 identical in a\n"
+        "                              row, or 6 among the last R (default 8; 0 or 6..64)\n"
+        "      --guard-tool-call-cap N more than N calls in one response (default 12)\n"
+        "      --guard-permanent-failure 0|1  a call the history shows failing for good\n"
+        "                              (command not found, no such file, ...) (default 1)\n"
+        "      --guard-line-repeat N   a line (or 30-byte phrase) N times in the last 8 KiB of\n"
+        "                              content, fenced code exempt (default 4; 0 or 2..64)\n"
+        "      --guard-sentence-loop J the third sentence at least J similar (word bigrams) to\n"
+        "                              recent ones (default 0.55; 0 or (0, 1])\n"
+        "      --guard-unterminated-tool-call N  more than N tokens in an open <tool_call>\n"
+        "                              (default 1024)\n"
+        "      --guard-token-loop R    engine side: the output ends in a block of 2..64 tokens\n"
+        "                              repeated R times (default 0: off; 2..16)\n"
+        "      --no-guards             disable every guard, token_loop included; requests\n"
+        "                              cannot enable any\n"
+        "      --allow-request-guard-overrides  a request's \"guards\" object may lower or\n"
+        "                              disable guards for itself (default: off, and a request\n"
+        "                              with a non-empty \"guards\" object gets a 400)\n"
         "  -h, --help                  this text\n"
         "  -V, --version               print the version\n");
 }
@@ -220,8 +266,30 @@ parse_bool(const char *v, bool *out)
         *out = false;
         return 0;
     }
-    fprintf(stderr, PROG ": any-model-name takes true or false, got '%s'\n", v);
+    fprintf(stderr, PROG ": expected true or false, got '%s'\n", v);
     return -EINVAL;
+}
+
+static int
+set_guard(struct fcgi_conf *c, int id, const char *v)
+{
+    char err[160];
+    const char *name = guard_name((enum guard_id)(id - OPT_GUARD_BASE));
+    if (!name || guard_config_set(&c->guards, name, v, err, sizeof(err)) < 0) {
+        fprintf(stderr, PROG ": --guard-%s %s\n", name ? name : "?", name ? err : "unknown");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+static int
+set_no_guards(struct fcgi_conf *c, const char *v)
+{
+    bool off = false;
+    int rc = parse_bool(v, &off);
+    if (rc == 0)
+        c->guards.enabled = !off;
+    return rc;
 }
 
 static int
@@ -281,6 +349,10 @@ apply_opt(struct fcgi_conf *c, int id, const char *v)
     case OPT_DUMP:
         set_str(&c->dump_path, v);
         return 0;
+    case OPT_NO_GUARDS:
+        return set_no_guards(c, v);
+    case OPT_ALLOW_OVERRIDES:
+        return parse_bool(v, &c->allow_guard_overrides);
     case OPT_LOG_LEVEL: {
         enum cm_log_level lv;
         if (cm_log_parse_level(v, &lv) < 0) {
@@ -291,6 +363,8 @@ apply_opt(struct fcgi_conf *c, int id, const char *v)
         return 0;
     }
     default:
+        if (id >= OPT_GUARD_BASE && id < OPT_GUARD_BASE + GUARD_N)
+            return set_guard(c, id, v);
         return -EINVAL;
     }
 }
@@ -377,6 +451,7 @@ defaults(struct fcgi_conf *c)
     c->request_timeout_s = 600;
     c->heartbeat_s = 15;
     c->log_level = CM_LOG_INFO;
+    guard_config_init(&c->guards);
 }
 
 int
@@ -401,6 +476,12 @@ fcgi_conf_parse(int argc, char **argv, FILE *help_out, struct fcgi_conf *out)
             break; /* loaded above */
         case OPT_ANY_MODEL:
             out->any_model_name = true;
+            break;
+        case OPT_NO_GUARDS:
+            out->guards.enabled = false;
+            break;
+        case OPT_ALLOW_OVERRIDES:
+            out->allow_guard_overrides = true;
             break;
         case '?':
             return -EINVAL; /* getopt printed the reason */

@@ -9,6 +9,11 @@
  * value. Flags on the command line win over the file; API keys from both are all accepted.
  * API key file (--api-key-file FILE): one key per line, surrounding white space trimmed, '#'
  * comment lines and blank lines skipped. Keys are never printed, not even in error messages.
+ * Guards (GUARDS.md): --guard-<name> N for each guard of guards/guard.h, the name written with '-'
+ * or '_' (--guard-name-run-cap, --guard-name_run_cap; the config-file keys are the same), 0
+ * disabling one; --no-guards clears the master switch (every guard off, token_loop included, and
+ * no request can turn one on); --allow-request-guard-overrides lets a request's "guards" object
+ * lower or disable guards for itself (without it a non-empty "guards" object is a 400).
  * Errors are one line on stderr: "llm-fcgi: ...".
  */
 #ifndef FCGI_CONF_H

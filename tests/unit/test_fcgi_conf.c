@@ -244,7 +244,22 @@ test_fcgi_conf_help_names_every_flag(void **state)
                            "--log-level",
                            "--config",
                            "--help",
-                           "--version"};
+                           "--version",
+                           "--no-guards",
+                           "--allow-request-guard-overrides",
+                           "--guard-name-run-cap N  the N-th call in a row to the same function "
+                           "(default 8)",
+                           "--guard-identical-call",
+                           "--guard-repeated-call-history",
+                           "--guard-tool-call-cap N more than N calls in one response (default 12)",
+                           "--guard-permanent-failure",
+                           "--guard-line-repeat",
+                           "--guard-sentence-loop",
+                           "--guard-unterminated-tool-call",
+                           "(default 1024)",
+                           "--guard-token-loop",
+                           "(default 0: off; 2..16)",
+                           "(default 0.55; 0 or (0, 1])"};
     for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++) {
         if (!strstr(buf, flags[i]))
             fail_msg("--help does not document %s", flags[i]);
@@ -262,6 +277,134 @@ test_fcgi_conf_help_names_every_flag(void **state)
     free(buf);
 }
 
+/* ---- Guards ---- */
+
+static void
+test_fcgi_conf_guards_default_on(void **state)
+{
+    (void)state;
+    const char *argv[] = {"llm-fcgi", "--engine", "/e"};
+    struct fcgi_conf c;
+    assert_int_equal(parse(ARGC(argv), argv, &c), 0);
+    struct guard_config d;
+    guard_config_init(&d);
+    assert_true(c.guards.enabled);
+    for (int i = 0; i < GUARD_N; i++)
+        assert_true(c.guards.value[i] == d.value[i]);
+    assert_false(c.allow_guard_overrides);
+    assert_int_equal(guard_config_int(&c.guards, GUARD_TOKEN_LOOP), 0);
+    fcgi_conf_fini(&c);
+}
+
+static void
+test_fcgi_conf_guard_flags_both_spellings(void **state)
+{
+    (void)state;
+    const char *argv[] = {"llm-fcgi",
+                          "--engine=/e",
+                          "--guard-name-run-cap",
+                          "3",
+                          "--guard-identical_call=0",
+                          "--guard-repeated-call-history=6",
+                          "--guard-tool_call_cap",
+                          "5",
+                          "--guard-permanent-failure=0",
+                          "--guard-line-repeat=2",
+                          "--guard-sentence_loop=0.8",
+                          "--guard-unterminated-tool-call=40",
+                          "--guard-token-loop=4",
+                          "--allow-request-guard-overrides"};
+    struct fcgi_conf c;
+    assert_int_equal(parse(ARGC(argv), argv, &c), 0);
+    assert_true(c.guards.enabled);
+    assert_true(c.guards.value[GUARD_NAME_RUN_CAP] == 3);
+    assert_true(c.guards.value[GUARD_IDENTICAL_CALL] == 0);
+    assert_false(guard_config_active(&c.guards, GUARD_IDENTICAL_CALL));
+    assert_true(c.guards.value[GUARD_REPEATED_CALL_HISTORY] == 6);
+    assert_true(c.guards.value[GUARD_TOOL_CALL_CAP] == 5);
+    assert_true(c.guards.value[GUARD_PERMANENT_FAILURE] == 0);
+    assert_true(c.guards.value[GUARD_LINE_REPEAT] == 2);
+    assert_true(c.guards.value[GUARD_SENTENCE_LOOP] == 0.8);
+    assert_true(c.guards.value[GUARD_UNTERMINATED_TOOL_CALL] == 40);
+    assert_int_equal(guard_config_int(&c.guards, GUARD_TOKEN_LOOP), 4);
+    assert_true(c.allow_guard_overrides);
+    fcgi_conf_fini(&c);
+}
+
+static void
+test_fcgi_conf_no_guards_disables_all(void **state)
+{
+    (void)state;
+    const char *argv[] = {"llm-fcgi", "--engine=/e", "--guard-token-loop=3", "--no-guards"};
+    struct fcgi_conf c;
+    assert_int_equal(parse(ARGC(argv), argv, &c), 0);
+    assert_false(c.guards.enabled);
+    for (int i = 0; i < GUARD_N; i++)
+        assert_false(guard_config_active(&c.guards, (enum guard_id)i));
+    assert_int_equal(guard_config_int(&c.guards, GUARD_TOKEN_LOOP), 0);
+    fcgi_conf_fini(&c);
+}
+
+static void
+test_fcgi_conf_guard_bad_values(void **state)
+{
+    (void)state;
+    const char *bad[][2] = {
+        {"--guard-name-run-cap", "-1"},
+        {"--guard-identical-call", "2"},
+        {"--guard-repeated-call-history", "5"},
+        {"--guard-sentence-loop", "1.5"},
+        {"--guard-token-loop", "1"},
+        {"--guard-token-loop", "17"},
+        {"--guard-line-repeat", "x"},
+        {"--guard-permanent-failure", "2"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        const char *argv[] = {"llm-fcgi", "--engine=/e", bad[i][0], bad[i][1]};
+        struct fcgi_conf c;
+        if (parse(ARGC(argv), argv, &c) != -EINVAL)
+            fail_msg("%s %s accepted", bad[i][0], bad[i][1]);
+        fcgi_conf_fini(&c);
+    }
+}
+
+static void
+test_fcgi_conf_guard_config_file_keys(void **state)
+{
+    (void)state;
+    char *path = write_tmp("guard-name-run-cap = 4\n"
+                           "guard-line_repeat = 0\n"
+                           "guard-token-loop = 3\n"
+                           "allow-request-guard-overrides\n"
+                           "no-guards = false\n");
+    const char *argv[] = {"llm-fcgi", "--engine=/e", "--config", path, "--guard-name-run-cap=2"};
+    struct fcgi_conf c;
+    assert_int_equal(parse(ARGC(argv), argv, &c), 0);
+    assert_true(c.guards.enabled);
+    assert_true(c.guards.value[GUARD_NAME_RUN_CAP] == 2); /* the command line wins */
+    assert_true(c.guards.value[GUARD_LINE_REPEAT] == 0);
+    assert_int_equal(guard_config_int(&c.guards, GUARD_TOKEN_LOOP), 3);
+    assert_true(c.allow_guard_overrides);
+    fcgi_conf_fini(&c);
+    unlink(path);
+    free(path);
+
+    path = write_tmp("no-guards\n");
+    const char *argv2[] = {"llm-fcgi", "--engine=/e", "--config", path};
+    assert_int_equal(parse(ARGC(argv2), argv2, &c), 0);
+    assert_false(c.guards.enabled);
+    fcgi_conf_fini(&c);
+    unlink(path);
+    free(path);
+
+    path = write_tmp("guard-sentence-loop = 2\n");
+    const char *argv3[] = {"llm-fcgi", "--engine=/e", "--config", path};
+    assert_int_equal(parse(ARGC(argv3), argv3, &c), -EINVAL);
+    fcgi_conf_fini(&c);
+    unlink(path);
+    free(path);
+}
+
 int
 main(void)
 {
@@ -272,6 +415,11 @@ main(void)
         cmocka_unit_test(test_fcgi_conf_api_key_file),
         cmocka_unit_test(test_fcgi_conf_config_file_and_precedence),
         cmocka_unit_test(test_fcgi_conf_help_names_every_flag),
+        cmocka_unit_test(test_fcgi_conf_guards_default_on),
+        cmocka_unit_test(test_fcgi_conf_guard_flags_both_spellings),
+        cmocka_unit_test(test_fcgi_conf_no_guards_disables_all),
+        cmocka_unit_test(test_fcgi_conf_guard_bad_values),
+        cmocka_unit_test(test_fcgi_conf_guard_config_file_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -5,9 +5,14 @@
  *   -> guard_stop (hold-back) -> an SSE delta (streaming) or the collected content.
  * Tool calls are buffered until their block closes and parses: a call that turns out invalid is
  * dropped without a trace on the wire, and a valid one goes out as a head delta (index, id, type,
- * name) followed by its arguments. Headers are sent lazily (first ACCEPTED or TOKEN frame, or the
- * first heartbeat), so an engine refusal of the SUBMIT (EAGAIN, E2BIG, EINVAL), which comes at
- * once, is still a plain HTTP error.
+ * name) followed by its arguments. The loop guards (guards/guard.h, one struct guard per response)
+ * see what would be emitted: each content delta after the stop-string hold-back, each valid call
+ * after its block closes, and the token count of an open block; they are fed before the client
+ * sees the piece, so the delta or call that trips is not emitted. A trip stops the pipeline
+ * (text_stopped), sends CANCEL naming the guard and waits (bounded) for DONE; finish_reason and
+ * stop_reason then come from fcgi_resp_finish_of. Headers are sent lazily (first ACCEPTED or TOKEN
+ * frame, or the first heartbeat), so an engine refusal of the SUBMIT (EAGAIN, E2BIG, EINVAL), which
+ * comes at once, is still a plain HTTP error.
  */
 #include "fcgi/fcgi_gen.h"
 
@@ -31,6 +36,7 @@
 #include "fcgi/fcgi_http.h"
 #include "fcgi/fcgi_req.h"
 #include "fcgi/fcgi_resp.h"
+#include "guards/guard.h"
 #include "guards/guard_stop.h"
 #include "guards/guard_toolcall.h"
 #include "guards/guard_utf8.h"
@@ -38,6 +44,7 @@
 #define CANCEL_WAIT_MS 5000     /* bounded wait for DONE after a CANCEL */
 #define DEADLINE_GRACE_MS 10000 /* the worker's own bound past the engine deadline */
 #define NS_PER_MS 1000000ull
+#define STOP_PARSE 1 /* a tool-parser callback's "stop here" (text_stopped), not an error */
 
 struct buf {
     char *p;
@@ -67,6 +74,9 @@ struct gen {
     struct guard_utf8 utf8;
     struct guard_stop *stop;
     struct guard_toolcall *tc; /* NULL: no tool parsing */
+    struct guard_config gcfg;  /* the server's guards with the request's overrides */
+    struct guard *guard;       /* this response's loop guards */
+    int call_tokens;           /* tokens since the open <tool_call> block began */
     struct fcgi_resp_logprobs lp;
 
     bool streaming;
@@ -156,6 +166,20 @@ send_cancel(struct gen *g, const char *reason)
         g->finished = true; /* the engine is gone: nothing to wait for */
 }
 
+/* A loop guard tripped: nothing more reaches the client, the engine sequence is cancelled. */
+static void
+trip(struct gen *g, enum guard_id id)
+{
+    if (g->cut.guard)
+        return;
+    g->cut.guard = guard_name(id);
+    g->cut.guard_tool_loop = guard_is_tool_loop(id);
+    g->text_stopped = true;
+    CM_LOG(CM_LOG_WARN, "guard tripped req=%llu guard=%s tokens=%u calls=%d",
+           (unsigned long long)g->req_id, g->cut.guard, g->n_tokens, g->n_calls);
+    send_cancel(g, g->cut.guard);
+}
+
 /* ---- SSE output ---- */
 
 static int
@@ -198,6 +222,10 @@ emit_content(struct gen *g, const char *s, size_t n)
 {
     if (n == 0)
         return 0;
+    if (g->guard && guard_feed_text(g->guard, s, n) != GUARD_NONE) {
+        trip(g, guard_tripped(g->guard));
+        return 0;
+    }
     if (g->keep_content && buf_add(&g->content, s, n) < 0)
         return -ENOMEM;
     if (!g->streaming)
@@ -287,6 +315,11 @@ call_end(struct gen *g, const struct guard_toolcall_event *ev)
                (unsigned long long)g->req_id);
         goto out;
     }
+    if (g->guard && guard_feed_call(g->guard, ev->name, ev->args, ev->args_len) != GUARD_NONE) {
+        trip(g, guard_tripped(g->guard)); /* the call that trips is not emitted */
+        rc = STOP_PARSE;
+        goto out;
+    }
     if (g->n_calls == g->cap_calls) {
         int cap = g->cap_calls ? 2 * g->cap_calls : 4;
         struct fcgi_resp_call *c = realloc(g->calls, (size_t)cap * sizeof(*c));
@@ -356,6 +389,8 @@ static int
 on_tool_event(void *arg, const struct guard_toolcall_event *ev)
 {
     struct gen *g = arg;
+    if (g->text_stopped) /* a stop string or a guard: the rest of this feed is dropped */
+        return STOP_PARSE;
     switch (ev->type) {
     case GUARD_TOOLCALL_CONTENT:
         return tool_content(g, ev->text, ev->len);
@@ -363,6 +398,7 @@ on_tool_event(void *arg, const struct guard_toolcall_event *ev)
         g->ws.len = 0; /* the separator before a call is not content */
         cur_reset(&g->cur);
         g->cur.open = true;
+        g->call_tokens = 0;
         return 0;
     case GUARD_TOOLCALL_CALL_NAME:
         free(g->cur.name);
@@ -382,8 +418,10 @@ route_text(struct gen *g, const char *s, size_t n)
 {
     if (n == 0 || g->text_stopped)
         return 0;
-    if (g->tc)
-        return guard_toolcall_feed(g->tc, s, n, on_tool_event, g);
+    if (g->tc) {
+        int rc = guard_toolcall_feed(g->tc, s, n, on_tool_event, g);
+        return rc == STOP_PARSE ? 0 : rc;
+    }
     return content_text(g, s, n);
 }
 
@@ -397,8 +435,10 @@ drain_pipeline(struct gen *g)
     if (rc == 0)
         rc = route_text(g, tail, n);
     free(tail);
-    if (rc == 0 && g->tc && !g->text_stopped)
+    if (rc == 0 && g->tc && !g->text_stopped) {
         rc = guard_toolcall_finish(g->tc, on_tool_event, g);
+        rc = rc == STOP_PARSE ? 0 : rc;
+    }
     if (rc == 0 && g->ws.len > 0 && g->n_calls == 0)
         rc = content_text(g, g->ws.p, g->ws.len);
     g->ws.len = 0;
@@ -472,15 +512,21 @@ on_token(struct gen *g, const struct cm_wire_token *t)
         return 0;
     if (g->req.logprobs && (rc = fcgi_resp_logprobs_add(&g->lp, t)) < 0)
         return rc;
-    if (t->flags & CM_WIRE_TOKEN_SPECIAL)
-        return 0;
-    char *text = NULL;
-    size_t n = 0;
-    if ((rc = guard_utf8_feed(&g->utf8, t->text, t->text_len, &text, &n)) < 0)
-        return rc;
-    rc = route_text(g, text, n);
-    free(text);
-    return rc;
+    if (!(t->flags & CM_WIRE_TOKEN_SPECIAL)) {
+        char *text = NULL;
+        size_t n = 0;
+        if ((rc = guard_utf8_feed(&g->utf8, t->text, t->text_len, &text, &n)) < 0)
+            return rc;
+        rc = route_text(g, text, n);
+        free(text);
+        if (rc < 0)
+            return rc;
+    }
+    /* unterminated_tool_call: every token from the one that opened the block counts */
+    if (g->tc && g->guard && !g->text_stopped && guard_toolcall_in_call(g->tc) &&
+        guard_feed_call_tokens(g->guard, ++g->call_tokens) != GUARD_NONE)
+        trip(g, guard_tripped(g->guard));
+    return 0;
 }
 
 /* One frame. Returns 0 or a negative errno that ends the request (client gone, no memory). */
@@ -830,11 +876,54 @@ pipeline_new(struct gen *g, const char *prefix)
     return rc;
 }
 
+/* The request's guard configuration (the server's, with the request's "guards" overrides when the
+ * server allows them) and the response's guard object: the chat history seeds the tool-loop
+ * guards; completions have none (the content guards only). */
+static int
+guards_new(struct gen *g)
+{
+    char err[256];
+    g->gcfg = g->ctx->conf.guards;
+    struct json_object *o = g->req.guards;
+    if (o && json_object_object_length(o) > 0 && !g->ctx->conf.allow_guard_overrides) {
+        set_error(g, 400, "guards", NULL,
+                  "this server does not accept per-request guard settings (it runs without "
+                  "--allow-request-guard-overrides)");
+        return -EPERM;
+    }
+    if (o) {
+        /* key by key, so that the 400 names the offending one */
+        json_object_object_foreach(o, key, val)
+        {
+            struct json_object *one = json_object_new_object();
+            if (!one || json_object_object_add(one, key, json_object_get(val)) < 0) {
+                json_object_put(one);
+                set_error(g, 500, NULL, NULL, "out of memory");
+                return -ENOMEM;
+            }
+            int rc = guard_config_override(&g->gcfg, one, err, sizeof(err));
+            json_object_put(one);
+            if (rc < 0) {
+                char param[96];
+                snprintf(param, sizeof(param), "guards.%.80s", key);
+                set_error(g, 400, param, NULL, "%s", err);
+                return rc;
+            }
+        }
+    }
+    bool chat = g->kind == FCGI_REQ_CHAT;
+    int rc = guard_new(&g->gcfg, chat ? g->req.msgs : NULL, chat ? g->req.n_msgs : 0, &g->guard);
+    if (rc < 0)
+        set_error(g, 500, NULL, NULL, "out of memory");
+    return rc;
+}
+
 static int
 submit(struct gen *g, const char *prompt, size_t prompt_len)
 {
     struct cm_wire_submit s;
     fcgi_req_to_submit(&g->req, &g->ctx->conf, g->info->n_ctx, &s);
+    s.token_loop = guard_config_int(&g->gcfg, GUARD_TOKEN_LOOP); /* 0 under --no-guards */
     s.prompt = (char *)prompt;
     s.prompt_len = prompt_len;
     g->req_id = atomic_fetch_add(&g->ctx->next_req_id, 1);
@@ -873,6 +962,8 @@ prepare(struct gen *g, const struct fcgi_http *h)
     g->streaming = g->req.stream;
     g->keep_content = !g->streaming || g->ctx->dump;
     fcgi_resp_logprobs_init(&g->lp, g->kind, g->req.top_logprobs);
+    if ((rc = guards_new(g)) < 0)
+        return rc;
     if ((rc = open_engine(g)) < 0)
         return rc;
     if (!model_ok(g))
@@ -900,6 +991,7 @@ gen_fini(struct gen *g)
     fcgi_engine_conn_close(g->conn);
     guard_stop_free(g->stop);
     guard_toolcall_free(g->tc);
+    guard_free(g->guard);
     fcgi_resp_logprobs_fini(&g->lp);
     cur_reset(&g->cur);
     for (int i = 0; i < g->n_calls; i++) {

@@ -56,7 +56,8 @@ struct fake {
     int err_code;
     uint32_t retry_after_ms;
     const char *chat_family;
-    int wait_fd; /* > 0: send nothing after SUBMIT until this fd is readable */
+    int wait_fd;            /* > 0: send nothing after SUBMIT until this fd is readable */
+    const char *done_guard; /* END_DONE: DONE's guard (an engine-side trip: token_loop) */
     /* recorded */
     char *prompt;
     struct cm_wire_submit sub;
@@ -134,6 +135,8 @@ send_script(struct fake *fk, int fd, uint64_t req_id)
                                  .prompt_tokens = 11,
                                  .completion_tokens = (uint32_t)fk->n_toks,
                                  .cached_tokens = 3};
+        if (fk->done_guard)
+            snprintf(d.guard, sizeof(d.guard), "%s", fk->done_guard);
         cm_wire_encode_done(&b, req_id, &d);
     }
     send_buf(fd, &b);
@@ -1064,6 +1067,334 @@ test_fcgi_gen_dump_record(void **state)
     run_free(&r);
 }
 
+/* ---- Loop guards ---- */
+
+#define CALL(name, args)                                                                           \
+    "<tool_call>\n{\"name\": \"" name "\", \"arguments\": " args "}\n</tool_call>\n"
+#define SHELL_TOOLS                                                                                \
+    ",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\",\"parameters\":"           \
+    "{\"type\":\"object\"}}},{\"type\":\"function\",\"function\":{\"name\":\"get_weather\"}}]"
+
+/* A stream that never ends by itself: the script, then the fake waits for a CANCEL. */
+static void
+degenerate(struct run *r, const char *unit, int repeats)
+{
+    assert_true(repeats <= MAX_TOKS);
+    for (int i = 0; i < repeats; i++)
+        r->fk.toks[i] = unit;
+    r->fk.n_toks = repeats;
+    r->fk.end = END_WAIT_CANCEL;
+    guard_config_init(&r->ctx.conf.guards);
+}
+
+/* The final chunk of a guard trip, then the usage chunk and [DONE]. */
+static void
+check_trip_stream(struct run *r, const char *guard, bool tool_loop)
+{
+    assert_int_equal(r->rc, 0);
+    assert_int_equal(r->fk.n_cancels, 1);
+    assert_string_equal(r->fk.cancels[0], guard);
+    assert_false(r->fk.safety_fired);
+    assert_true(r->done_last);
+    struct json_object *fin = final_chunk(r);
+    assert_non_null(fin);
+    assert_string_equal(str_at(fin, "choices[0].finish_reason"), "length");
+    assert_string_equal(str_at(fin, "choices[0].stop_reason"), guard);
+    struct json_object *cap = at(fin, "choices[0].tool_loop_capped");
+    if (tool_loop)
+        assert_true(cap && json_object_get_boolean(cap));
+    else
+        assert_true(!cap || !json_object_get_boolean(cap));
+    struct json_object *usage = r->events[r->n_events - 1];
+    assert_non_null(at(usage, "usage"));
+    assert_int_equal(json_object_get_int(at(usage, "usage.completion_tokens")), r->fk.n_toks);
+}
+
+static void
+test_fcgi_gen_guard_identical_call_stream(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    degenerate(&r, CALL("bash", "{\"command\": \"which cargo\"}"), 6);
+    r.fk.toks[6] = "AFTER THE TRIP";
+    r.fk.n_toks = 7;
+    run(&r, FCGI_GEN_CHAT,
+        CHAT_BODY(",\"stream\":true,\"stream_options\":{\"include_usage\":true}" SHELL_TOOLS));
+    check_trip_stream(&r, "identical_call", true);
+    char names[4][64], args[4][256], ids[4][64];
+    /* the first call went out; the identical second one tripped and was not emitted */
+    assert_int_equal(stream_calls(&r, names, args, ids), 1);
+    assert_string_equal(names[0], "bash");
+    char *content = stream_content(&r, "choices[0].delta.content");
+    assert_string_equal(content, "");
+    free(content);
+    assert_int_equal(atomic_load(&r.ctx.counters.tool_calls), 1);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_name_run_cap_whole(void **state)
+{
+    (void)state;
+    static const char *cities[] = {"A", "B", "C", "D", "E", "F", "G", "H", "I", "J"};
+    static char calls[10][128];
+    struct run r = {0};
+    degenerate(&r, "", 0);
+    for (int i = 0; i < 10; i++) {
+        snprintf(calls[i], sizeof(calls[i]), CALL("get_weather", "{\"city\": \"%s\"}"), cities[i]);
+        r.fk.toks[i] = calls[i];
+    }
+    r.fk.n_toks = 10;
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(SHELL_TOOLS));
+    assert_int_equal(r.rc, 0);
+    assert_int_equal(r.fk.n_cancels, 1);
+    assert_string_equal(r.fk.cancels[0], "name_run_cap");
+    struct json_object *o = json_tokener_parse(r.body);
+    assert_non_null(o);
+    /* N = 8: the 8th call in a row trips and is not emitted */
+    assert_int_equal(json_object_array_length(at(o, "choices[0].message.tool_calls")), 7);
+    assert_string_equal(str_at(o, "choices[0].message.tool_calls[6].function.name"), "get_weather");
+    assert_string_equal(str_at(o, "choices[0].finish_reason"), "length");
+    assert_string_equal(str_at(o, "choices[0].stop_reason"), "name_run_cap");
+    assert_true(json_object_get_boolean(at(o, "choices[0].tool_loop_capped")));
+    assert_int_equal(json_object_get_int(at(o, "usage.completion_tokens")), 10);
+    json_object_put(o);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_line_repeat_both_endpoints(void **state)
+{
+    (void)state;
+    for (int ep = 0; ep < 2; ep++) {
+        struct run r = {0};
+        degenerate(&r, "The same line of text again\n", 10);
+        run(&r, ep ? FCGI_GEN_COMPLETION : FCGI_GEN_CHAT,
+            ep ? "{\"prompt\":\"x\",\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
+               : CHAT_BODY(",\"stream\":true,\"stream_options\":{\"include_usage\":true}"));
+        check_trip_stream(&r, "line_repeat", false);
+        char *content = stream_content(&r, ep ? "choices[0].text" : "choices[0].delta.content");
+        /* no sentence end: only line_repeat can see it; three lines went out, the fourth
+         * tripped */
+        assert_string_equal(content, "The same line of text again\nThe same line of text again\n"
+                                     "The same line of text again\n");
+        free(content);
+        run_free(&r);
+    }
+}
+
+static void
+test_fcgi_gen_guard_sentence_loop_whole(void **state)
+{
+    (void)state;
+    static const char *s[] = {"I will check the weather in the city for you now. ",
+                              "I will check the weather in this city for you now. ",
+                              "I will check the weather in that city for you now. ",
+                              "I will check the weather in the city for you soon. "};
+    struct run r = {0};
+    degenerate(&r, "", 0);
+    for (int i = 0; i < 4; i++)
+        r.fk.toks[i] = s[i];
+    r.fk.n_toks = 4;
+    run(&r, FCGI_GEN_COMPLETION, "{\"prompt\":\"x\"}");
+    assert_int_equal(r.fk.n_cancels, 1);
+    assert_string_equal(r.fk.cancels[0], "sentence_loop");
+    struct json_object *o = json_tokener_parse(r.body);
+    assert_non_null(o);
+    assert_string_equal(str_at(o, "choices[0].finish_reason"), "length");
+    assert_string_equal(str_at(o, "choices[0].stop_reason"), "sentence_loop");
+    assert_null(at(o, "choices[0].tool_loop_capped"));
+    /* the third near-repeat trips: the first two sentences went out */
+    const char *text = str_at(o, "choices[0].text");
+    assert_non_null(strstr(text, s[1]));
+    assert_null(strstr(text, s[2]));
+    json_object_put(o);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_unterminated_tool_call(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    degenerate(&r, "aa", 40);
+    r.ctx.conf.guards.value[GUARD_UNTERMINATED_TOOL_CALL] = 20;
+    r.fk.toks[0] = "Sure.<tool_call>";
+    r.fk.toks[1] = "{\"name\": \"bash\", \"arguments\": {\"command\": \"";
+    run(&r, FCGI_GEN_CHAT,
+        CHAT_BODY(",\"stream\":true,\"stream_options\":{\"include_usage\":true}" SHELL_TOOLS));
+    check_trip_stream(&r, "unterminated_tool_call", false);
+    char names[4][64], args[4][256], ids[4][64];
+    assert_int_equal(stream_calls(&r, names, args, ids), 0);
+    char *content = stream_content(&r, "choices[0].delta.content");
+    assert_string_equal(content, "Sure.");
+    free(content);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_permanent_failure_from_history(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    degenerate(&r, CALL("bash", "{\"command\": \"cargo build\"}"), 3);
+    run(&r, FCGI_GEN_CHAT,
+        "{\"model\":\"smol\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"build"
+        "\"},{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\",\"type\":"
+        "\"function\",\"function\":{\"name\":\"bash\",\"arguments\":\"{\\\"command\\\": "
+        "\\\"cargo test\\\"}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"c1\",\"content\":"
+        "\"sh: 1: cargo: command not found\"}]" SHELL_TOOLS "}");
+    assert_int_equal(r.rc, 0);
+    assert_int_equal(r.fk.n_cancels, 1);
+    assert_string_equal(r.fk.cancels[0], "permanent_failure");
+    char names[4][64], args[4][256], ids[4][64];
+    assert_int_equal(stream_calls(&r, names, args, ids), 0);
+    struct json_object *fin = final_chunk(&r);
+    assert_string_equal(str_at(fin, "choices[0].finish_reason"), "length");
+    assert_string_equal(str_at(fin, "choices[0].stop_reason"), "permanent_failure");
+    assert_true(json_object_get_boolean(at(fin, "choices[0].tool_loop_capped")));
+    assert_true(r.done_last);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_engine_token_loop(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    guard_config_init(&r.ctx.conf.guards);
+    r.ctx.conf.guards.value[GUARD_TOKEN_LOOP] = 4;
+    r.fk.toks[0] = "ab";
+    r.fk.n_toks = 1;
+    r.fk.finish = CM_WIRE_FINISH_CANCELLED;
+    r.fk.done_guard = "token_loop";
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(",\"stream\":true"));
+    assert_int_equal(r.fk.sub.token_loop, 4);
+    assert_int_equal(r.fk.n_cancels, 0);
+    struct json_object *fin = final_chunk(&r);
+    assert_string_equal(str_at(fin, "choices[0].finish_reason"), "length");
+    assert_string_equal(str_at(fin, "choices[0].stop_reason"), "token_loop");
+    assert_null(at(fin, "choices[0].tool_loop_capped"));
+    assert_true(r.done_last);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_overrides(void **state)
+{
+    (void)state;
+    /* allowed: identical_call and name_run_cap off for this request, token_loop on */
+    struct run r = {0};
+    degenerate(&r, CALL("bash", "{\"command\": \"ls\"}"), 3);
+    r.fk.end = END_DONE;
+    r.fk.finish = CM_WIRE_FINISH_EOS;
+    r.ctx.conf.allow_guard_overrides = true;
+    run(&r, FCGI_GEN_CHAT,
+        CHAT_BODY(SHELL_TOOLS ",\"guards\":{\"identical_call\":0,\"name_run_cap\":false,"
+                              "\"token_loop\":3}"));
+    assert_int_equal(r.status, 200);
+    assert_int_equal(r.fk.n_cancels, 0);
+    assert_int_equal(r.fk.sub.token_loop, 3);
+    struct json_object *o = json_tokener_parse(r.body);
+    assert_int_equal(json_object_array_length(at(o, "choices[0].message.tool_calls")), 3);
+    assert_string_equal(str_at(o, "choices[0].finish_reason"), "tool_calls");
+    json_object_put(o);
+    run_free(&r);
+
+    /* a lower value applies */
+    memset(&r, 0, sizeof(r));
+    degenerate(&r, "A line that is long enough to count.\n", 5);
+    r.ctx.conf.allow_guard_overrides = true;
+    run(&r, FCGI_GEN_COMPLETION, "{\"prompt\":\"x\",\"guards\":{\"line_repeat\":2}}");
+    assert_int_equal(r.fk.n_cancels, 1);
+    assert_string_equal(r.fk.cancels[0], "line_repeat");
+    o = json_tokener_parse(r.body);
+    assert_string_equal(str_at(o, "choices[0].text"), "A line that is long enough to count.\n");
+    json_object_put(o);
+    run_free(&r);
+
+    /* refused: raising, unknown, a bad type (400 naming guards.<key>); not allowed at all */
+    static const char *bad[][3] = {
+        {"{\"name_run_cap\":9}", "guards.name_run_cap", "1"},
+        {"{\"line_repeat\":2,\"bogus\":1}", "guards.bogus", "1"},
+        {"{\"sentence_loop\":\"x\"}", "guards.sentence_loop", "1"},
+        {"{\"name_run_cap\":2}", "guards", "0"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char body[512];
+        snprintf(body, sizeof(body), CHAT_BODY(",\"guards\":%s"), bad[i][0]);
+        memset(&r, 0, sizeof(r));
+        guard_config_init(&r.ctx.conf.guards);
+        r.ctx.conf.allow_guard_overrides = bad[i][2][0] == '1';
+        run(&r, FCGI_GEN_CHAT, body);
+        assert_int_equal(r.status, 400);
+        assert_false(r.fk.got_submit);
+        o = json_tokener_parse(r.body);
+        assert_non_null(o);
+        if (!str_at(o, "error.param") || strcmp(str_at(o, "error.param"), bad[i][1]) != 0)
+            fail_msg("%s: %s", bad[i][0], r.body);
+        json_object_put(o);
+        run_free(&r);
+    }
+}
+
+static void
+test_fcgi_gen_no_guards(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    degenerate(&r, "The same line of text again\n", 10);
+    r.fk.toks[10] = CALL("bash", "{\"command\": \"ls\"}");
+    r.fk.toks[11] = CALL("bash", "{\"command\": \"ls\"}");
+    r.fk.n_toks = 12;
+    r.fk.end = END_DONE;
+    r.fk.finish = CM_WIRE_FINISH_LENGTH;
+    r.ctx.conf.guards.value[GUARD_TOKEN_LOOP] = 3;
+    r.ctx.conf.guards.enabled = false;
+    r.ctx.conf.allow_guard_overrides = true;
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(SHELL_TOOLS ",\"guards\":{\"token_loop\":3}"));
+    assert_int_equal(r.status, 200);
+    assert_int_equal(r.fk.sub.token_loop, 0);
+    assert_int_equal(r.fk.n_cancels, 0);
+    struct json_object *o = json_tokener_parse(r.body);
+    assert_int_equal(json_object_array_length(at(o, "choices[0].message.tool_calls")), 2);
+    assert_int_equal(strlen(str_at(o, "choices[0].message.content")), 10 * 28);
+    assert_string_equal(str_at(o, "choices[0].finish_reason"), "tool_calls");
+    assert_null(at(o, "choices[0].stop_reason"));
+    json_object_put(o);
+    run_free(&r);
+}
+
+static void
+test_fcgi_gen_guard_dump_record(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/test_fcgi_gen_gdump.XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    unlink(path);
+    struct run r = {0};
+    assert_int_equal(fcgi_dump_open(path, &r.ctx.dump), 0);
+    degenerate(&r, CALL("bash", "{\"command\": \"which cargo\"}"), 4);
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(SHELL_TOOLS ",\"stream\":true"));
+    fcgi_dump_close(r.ctx.dump);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    char line[8192];
+    assert_non_null(fgets(line, sizeof(line), f));
+    fclose(f);
+    unlink(path);
+    struct json_object *rec = json_tokener_parse(line);
+    assert_non_null(rec);
+    assert_string_equal(str_at(rec, "response.finish_reason"), "length");
+    assert_string_equal(str_at(rec, "response.stop_reason"), "identical_call");
+    assert_true(json_object_get_boolean(at(rec, "response.tool_loop_capped")));
+    assert_int_equal(json_object_array_length(at(rec, "response.tool_calls")), 1);
+    json_object_put(rec);
+    run_free(&r);
+}
+
 int
 main(void)
 {
@@ -1086,6 +1417,16 @@ main(void)
         cmocka_unit_test(test_fcgi_gen_heartbeat_while_idle),
         cmocka_unit_test(test_fcgi_gen_parallel_tool_calls_false),
         cmocka_unit_test(test_fcgi_gen_dump_record),
+        cmocka_unit_test(test_fcgi_gen_guard_identical_call_stream),
+        cmocka_unit_test(test_fcgi_gen_guard_name_run_cap_whole),
+        cmocka_unit_test(test_fcgi_gen_guard_line_repeat_both_endpoints),
+        cmocka_unit_test(test_fcgi_gen_guard_sentence_loop_whole),
+        cmocka_unit_test(test_fcgi_gen_guard_unterminated_tool_call),
+        cmocka_unit_test(test_fcgi_gen_guard_permanent_failure_from_history),
+        cmocka_unit_test(test_fcgi_gen_guard_engine_token_loop),
+        cmocka_unit_test(test_fcgi_gen_guard_overrides),
+        cmocka_unit_test(test_fcgi_gen_no_guards),
+        cmocka_unit_test(test_fcgi_gen_guard_dump_record),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

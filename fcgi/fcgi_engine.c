@@ -21,6 +21,7 @@
 #include "common/cm_log.h"
 #include "common/cm_util.h"
 
+#define HANDSHAKE_FACTOR 12 /* HELLO -> MODEL_INFO waits 12x the connect timeout (60 s) */
 #define BACKOFF_FIRST_MS 100
 #define BACKOFF_MAX_MS 5000
 
@@ -295,7 +296,10 @@ handshake(struct fcgi_engine_conn *c)
     rc = flush_out(c);
     if (rc < 0)
         return rc;
-    uint64_t deadline = cm_now_ns() + (uint64_t)c->timeout_ms * 1000000ull;
+    /* The engine answers HELLO between two forward passes; a busy engine (a long prefill, a slow
+     * sanitizer build) is not a dead one, so the answer gets far longer than the connect. */
+    int wait_ms = c->timeout_ms * HANDSHAKE_FACTOR;
+    uint64_t deadline = cm_now_ns() + (uint64_t)wait_ms * 1000000ull;
     struct cm_wire_frame f;
     rc = read_frame_until(c, &f, deadline);
     if (rc == -EPROTO || rc == -EMSGSIZE)
@@ -343,6 +347,11 @@ fcgi_engine_connect(struct fcgi_engine *e, struct fcgi_engine_conn **out)
     rc = handshake(c);
     if (rc == 0)
         rc = mark_up(e, &c->info);
+    if (rc == -ETIMEDOUT) {
+        /* Connected but no answer in time: overloaded, not down; no backoff for the others. */
+        rc = -EHOSTDOWN;
+        goto fail;
+    }
     if (rc < 0 && rc != -ENOMEM) {
         mark_down(e, rc);
         if (rc != -EPROTO)

@@ -5,11 +5,14 @@
  * that has done HELLO -> MODEL_INFO, used by the one thread serving that request, then closed.
  * Closing a connection is a cancel for its sequence (the engine's contract, cm_wire.h).
  *
- * Backoff: when a connect fails (no socket, refused, HELLO not answered within the connect
- * timeout), the engine is marked down; for the next backoff interval (100 ms doubling to 5 s)
- * connects fail at once with -EHOSTDOWN without touching the socket, so a dead engine costs the
- * workers nothing; the first connect after the interval tries again, and a success resets the
+ * Backoff: when a connect fails (no socket, refused, a connection closed or a bad answer
+ * instead of MODEL_INFO), the engine is marked down; for the next backoff interval (100 ms doubling
+ * to 5 s) connects fail at once with -EHOSTDOWN without touching the socket, so a dead engine costs
+ * the workers nothing; the first connect after the interval tries again, and a success resets the
  * backoff. Callers answer -EHOSTDOWN with 503 and Retry-After: fcgi_engine_retry_after_s().
+ * A connected engine that does not answer HELLO within 12x the connect timeout (60 s by default:
+ * the engine answers between forward passes, and a long prefill or a sanitizer build is slow) is
+ * busy, not down: that connect fails with -EHOSTDOWN but starts no backoff for the others.
  * An engine that restarts with another model is noticed at the next connect (MODEL_INFO is
  * re-read on every connection).
  */

@@ -466,8 +466,12 @@ test_fcgi_engine_hello_timeout(void **state)
     struct fcgi_engine *e = NULL;
     assert_int_equal(fcgi_engine_new(path, 50, &e), 0);
     struct fcgi_engine_conn *c = NULL;
+    fcgi_engine_set_clock(e, fake_now); /* frozen: a backoff would refuse the next connect */
     assert_int_equal(fcgi_engine_connect(e, &c), -EHOSTDOWN);
-    assert_false(fcgi_engine_is_up(e));
+    /* Connected but silent: busy, not down, so no backoff is started for the other requests:
+     * the next connect reaches the engine again. */
+    assert_int_equal(fcgi_engine_connect(e, &c), -EHOSTDOWN);
+    assert_int_equal(__atomic_load_n(&fk.n_accepted, __ATOMIC_SEQ_CST), 2);
     fcgi_engine_free(e);
     fake_stop(&fk);
 }

@@ -675,3 +675,247 @@ def wait_until(stack, pred, what, timeout=None):
     from engine_util import wait_stats
     with stack.engine.connect() as c:
         return wait_stats(c, pred, what, timeout)
+
+
+# ---- Several engine+worker pairs behind one front server (examples/*-multi.conf) ----
+
+class TcpWorkers(Workers):
+    """llm-fcgi processes under spawn-fcgi on TCP 127.0.0.1:PORT (`spawn-fcgi -a 127.0.0.1 -p
+    PORT`), connected to their own pair's engine socket: a host of a multi-host deployment."""
+
+    def __init__(self, stack, name, engine_socket, flags=(), processes=1, threads=8):
+        super().__init__(stack, name, flags, processes, threads)
+        self.engine_socket = engine_socket
+        self.socket = None
+        self.port = free_port()
+
+    def command(self):
+        return [str(FCGI_BIN), "--engine", str(self.engine_socket),
+                "--threads", str(self.threads), *self.flags]
+
+    def start(self):
+        args = ["spawn-fcgi", "-a", "127.0.0.1", "-p", str(self.port), "-F", str(self.processes),
+                "-P", str(self.pidfile), "--", "/bin/sh", "-c",
+                'exec "$0" "$@" 2>>"$LLM_FCGI_LOG"', *self.command()]
+        env = dict(os.environ, LLM_FCGI_LOG=str(self.log))
+        r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=scaled(30),
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise AssertionError(f"spawn-fcgi failed ({r.returncode}): {r.stderr}\n{self.log_text()}")
+        self.pids = [int(p) for p in self.pidfile.read_text().split()]
+        if len(self.pids) != self.processes:
+            raise AssertionError(f"spawn-fcgi started {self.pids}, wanted {self.processes}")
+        return self
+
+    def accepting(self):
+        """Whether something accepts connections on the port now."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=scaled(5)):
+                return True
+        except ConnectionRefusedError:
+            return False
+
+    def wait_refusing(self, timeout=None):
+        """Polls (bounded) until the port refuses connections: no worker accepts any more."""
+        deadline = time.monotonic() + (scaled(30) if timeout is None else timeout)
+        while self.accepting():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers {self.name}: port {self.port} still accepts")
+            alive = self.alive()
+            if alive:
+                try:
+                    self.wait(alive[0], 0.02)  # pacing: a short wait on a worker's exit
+                except TimeoutError:
+                    pass
+            else:
+                time.sleep(0.02)  # pacing between connection attempts (no worker left)
+
+
+class Pair:
+    """One host of a multi-host deployment, on loopback: its own llm-engine on its own Unix socket
+    and its own llm-fcgi workers on TCP (TcpWorkers). stop() takes the whole pair down the way an
+    operator (SIGTERM) or a host loss (SIGKILL) would."""
+
+    def __init__(self, stack, name, engine_flags=(), worker_flags=(), processes=1, threads=8):
+        self.stack = stack
+        self.name = name
+        self.dir = stack.dir / name
+        self.dir.mkdir()
+        if IS_ROOT:
+            os.chmod(self.dir, 0o755)
+        self.engine_socket = self.dir / "engine.sock"
+        self.engine = Engine(ENGINE_BIN, MODEL, self.dir, *engine_flags,
+                             socket_path=self.engine_socket)
+        self.workers = TcpWorkers(stack, name, self.engine_socket, worker_flags, processes,
+                                  threads)
+        self.stopped = None  # the signal stop() sent, once it did
+
+    @property
+    def port(self):
+        return self.workers.port
+
+    def start(self):
+        self.engine.start()
+        self.stack.groups.append(self.workers)
+        self.workers.start()
+        return self
+
+    def stats(self):
+        return self.engine.stats()
+
+    def stop(self, sig=signal.SIGTERM, timeout=None):
+        """Sends sig to every worker and to the engine at once, then reaps them all (bounded).
+        Returns (worker wait statuses by pid, engine exit code)."""
+        timeout = scaled(60) if timeout is None else timeout
+        self.stopped = sig
+        mine = self.workers.alive()
+        for pid in mine:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        self.engine.proc.send_signal(sig)
+        statuses = {pid: self.workers.wait(pid, timeout) for pid in mine}
+        try:
+            self.engine.rc = self.engine.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.engine.kill()
+            raise AssertionError(f"engine {self.name} did not exit within {timeout} s of {sig}:\n"
+                                 f"{self.engine.stderr()[-3000:]}")
+        return statuses, self.engine.rc
+
+
+class MultiStack(Stack):
+    """N pairs (engine + workers on TCP each) behind front web servers rendered from
+    examples/lighttpd-multi.conf, nginx-multi.conf and apache-multi.conf:
+
+        s = MultiStack(pairs=2).start()          # pairs "a", "b"; no front server yet
+        web = s.add_lighttpd_multi()             # lighttpd balancing every pair
+        s.pairs[0].stop(signal.SIGKILL)          # a host lost
+        s.stop()                                 # the rest, checked as Stack.stop does
+
+    There is no single engine: s.engine is None; each pair has its own (pair.stats())."""
+
+    def __init__(self, pairs=2, engine_flags=(), worker_flags=(), processes=1, threads=8,
+                 name="mp"):
+        super().__init__(engine_flags, worker_flags, processes, threads, web=False, name=name)
+        self.n_pairs = pairs
+        self.pairs = []
+
+    def start(self):
+        become_subreaper()
+        try:
+            for i in range(self.n_pairs):
+                self.add_pair(chr(ord("a") + i))
+        except BaseException:
+            self.stop(check=False)
+            raise
+        return self
+
+    def add_pair(self, name, engine_flags=None, worker_flags=None, processes=None, threads=None):
+        if not os.access(ENGINE_BIN, os.X_OK) or not os.access(FCGI_BIN, os.X_OK):
+            raise AssertionError(f"{ENGINE_BIN} or {FCGI_BIN} is missing: build it first")
+        p = Pair(self, name, self.engine_flags if engine_flags is None else engine_flags,
+                 self.worker_flags if worker_flags is None else worker_flags,
+                 self.processes if processes is None else processes,
+                 self.threads if threads is None else threads)
+        self.pairs.append(p)
+        return p.start()
+
+    def _multi_replacements(self, pairs, fmt):
+        """Backend k of the example (port 9001 + k) -> pairs[k]'s port, each written as fmt."""
+        if len(pairs) != 2:
+            raise AssertionError("the -multi examples list two backends")
+        return {fmt.format(9001 + k): fmt.format(p.port) for k, p in enumerate(pairs)}
+
+    def add_lighttpd_multi(self, pairs=None, wait=True, headers=None):
+        pairs = self.pairs if pairs is None else pairs
+        port = free_port()
+        d = self._dirs(f"lighttpd-{port}")
+        (d / "htdocs").mkdir()
+        common = {EX_RUN_DIR + "/llm-fcgi.sock": d / "unused.sock", EX_STATE_DIR: d,
+                  EX_LOG_DIR: d}
+        (d / "lighttpd.conf").write_text(render_example("lighttpd.conf", common, port))
+        conf = d / "lighttpd-multi.conf"
+        conf.write_text(render_example("lighttpd-multi.conf",
+                                       self._multi_replacements(pairs, '"port" => {}'), None))
+        web = WebServer("lighttpd-multi", ["lighttpd", "-D", "-f", str(conf)], port,
+                        [d / "stdout.log", d / "lighttpd-error.log"], conf)
+        return self._start_web(web, wait, headers)
+
+    def add_nginx_multi(self, pairs=None, wait=True, headers=None):
+        pairs = self.pairs if pairs is None else pairs
+        port = free_port()
+        d = self._dirs(f"nginx-{port}")
+        site = render_example("nginx-multi.conf",
+                              self._multi_replacements(pairs, "127.0.0.1:{}"), port)
+        (d / "site.conf").write_text(site)
+        shutil.copy("/etc/nginx/fastcgi_params", d / "fastcgi_params")
+        user = "user nobody nogroup;\n" if IS_ROOT else ""
+        temp = "".join(f"    {k}_temp_path {d}/tmp-{k};\n"
+                       for k in ("client_body", "fastcgi", "proxy", "uwsgi", "scgi"))
+        (d / "nginx.conf").write_text(
+            f"{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\n"
+            f"error_log {d}/error.log warn;\n"
+            f"events {{ worker_connections 256; }}\n"
+            f"http {{\n    access_log off;\n{temp}    include {d}/site.conf;\n}}\n")
+        web = WebServer("nginx-multi", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")],
+                        port, [d / "stdout.log", d / "error.log"], d / "nginx.conf")
+        return self._start_web(web, wait, headers)
+
+    def add_apache_multi(self, pairs=None, wait=True, headers=None):
+        pairs = self.pairs if pairs is None else pairs
+        port = free_port()
+        d = self._dirs(f"apache-{port}")
+        site = render_example("apache-multi.conf",
+                              self._multi_replacements(pairs, "fcgi://127.0.0.1:{}"), port)
+        (d / "site.conf").write_text(site)
+        mods = ["mpm_event", "authz_core", "proxy", "proxy_fcgi", "proxy_balancer",
+                "slotmem_shm", "lbmethod_bybusyness", "env"]
+        load = "".join(f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so\n"
+                       for m in mods)
+        user = "User nobody\nGroup nogroup\n" if IS_ROOT else ""
+        (d / "httpd.conf").write_text(
+            f"ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\n"
+            f"DefaultRuntimeDir {d}\nErrorLog {d}/error.log\nLogLevel warn\n"
+            f"Mutex file:{d}\n{user}{load}Include {d}/site.conf\n")
+        web = WebServer("apache-multi", ["apache2", "-DFOREGROUND", "-f", str(d / "httpd.conf")],
+                        port, [d / "stdout.log", d / "error.log"], d / "httpd.conf")
+        return self._start_web(web, wait, headers)
+
+    def diagnostics(self):
+        parts = [super().diagnostics()]
+        parts += [f"--- engine {p.name}:\n" + p.engine.stderr()[-3000:] for p in self.pairs]
+        return "\n".join(parts)
+
+    def stop(self, check=True):
+        """The front servers, then each pair not stopped by the test (workers must exit 0 on
+        SIGTERM, then the engine, exit 0), then Stack.stop's checks (no process left behind, no
+        sanitizer report)."""
+        problems = []
+        for web in reversed(self.webs):
+            try:
+                web.stop()
+            except AssertionError as e:
+                problems.append(str(e))
+        for p in self.pairs:
+            try:
+                if p.stopped is None:
+                    statuses = p.workers.stop()
+                    bad = {pid: status_text(s) for pid, s in statuses.items()
+                           if not (s == -1 or (os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0))}
+                    if bad:
+                        problems.append(f"workers {p.name} did not exit 0: {bad}")
+                if p.engine.proc is not None:
+                    rc = p.engine.stop()
+                    if rc != 0 and p.stopped is None:
+                        problems.append(f"engine {p.name} exit {rc}")
+            except AssertionError as e:
+                problems.append(str(e))
+        logs = self.diagnostics()[-6000:] if problems else ""
+        try:
+            super().stop(check)
+        except AssertionError as e:
+            problems.append(str(e))
+        if problems and check:
+            raise AssertionError("multi-stack stop: " + "; ".join(problems) + "\n" + logs)

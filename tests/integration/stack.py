@@ -871,7 +871,7 @@ class MultiStack(Stack):
                               self._multi_replacements(pairs, "fcgi://127.0.0.1:{}"), port)
         (d / "site.conf").write_text(site)
         mods = ["mpm_event", "authz_core", "proxy", "proxy_fcgi", "proxy_balancer",
-                "slotmem_shm", "lbmethod_bybusyness", "env"]
+                "slotmem_shm", "lbmethod_byrequests", "lbmethod_bybusyness", "env"]
         load = "".join(f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so\n"
                        for m in mods)
         user = "User nobody\nGroup nogroup\n" if IS_ROOT else ""

@@ -176,3 +176,40 @@ def test_lighttpd_pair_stopped_sigterm(make_multi):
     web = s.add_lighttpd_multi()
     model_id = request(web.url, "GET", "/v1/models").json()["data"][0]["id"]
     failover_under_load(s, web, model_id, signal.SIGTERM)
+
+
+def test_nginx_host_lost_sigkill(make_multi, require_tool):
+    require_tool("nginx")
+    s = make_multi(name="fn")
+    web = s.add_nginx_multi()
+    model_id = request(web.url, "GET", "/v1/models").json()["data"][0]["id"]
+    failover_under_load(s, web, model_id, signal.SIGKILL)
+
+
+def test_apache_balancer_host_lost_sigkill(make_multi, require_tool):
+    require_tool("apache2")
+    require_tool("/usr/lib/apache2/modules/mod_proxy_balancer.so")
+    s = make_multi(name="fa")
+    web = s.add_apache_multi()
+    model_id = request(web.url, "GET", "/v1/models").json()["data"][0]["id"]
+    failover_under_load(s, web, model_id, signal.SIGKILL)
+
+
+def test_nginx_moves_requests_off_a_pair_whose_engine_is_down(make_multi, require_tool):
+    # The worker of pair a stays up but its engine is gone: it answers 503, and nginx
+    # (fastcgi_next_upstream http_503 non_idempotent) sends each request on to pair b.
+    require_tool("nginx")
+    s = make_multi(name="fe")
+    web = s.add_nginx_multi()
+    a, b = s.pairs
+    model_id = request(web.url, "GET", "/v1/models").json()["data"][0]["id"]
+    a.stopped = signal.SIGKILL
+    a.engine.stop(signal.SIGKILL)
+    before = b.stats()["requests_finished"]
+    for i in range(NEW_REQUESTS):
+        r = request(web.url, "POST", "/v1/chat/completions",
+                    {"model": model_id, "max_tokens": 2,
+                     "messages": [{"role": "user", "content": f"Hi {i}"}]}, timeout=scaled(60))
+        assert r.status == 200, (i, r)
+    assert b.stats()["requests_finished"] == before + NEW_REQUESTS
+    assert a.workers.alive() == a.workers.pids  # the worker itself never went down

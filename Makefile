@@ -40,8 +40,14 @@ BENCH_BINS := $(if $(BENCH_SRC),$(BUILD)/llm-bench,)
 TINY_TYPES  := f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q4_k q5_k q6_k
 TINY_MODELS := $(if $(wildcard tests/tools/mkgguf.c),$(TINY_TYPES:%=$(BUILD)/tests/models/tiny-%.gguf),)
 
+# Degenerate models (tests/tools/mkgguf --degenerate): the default model's tokenizer, weights that
+# emit a fixed cycle forever and never EOS (see mkgguf.c); each with a .json description. Only
+# when the default model is there (make test fetches it first).
+DEGEN_KINDS  := sentence line tokens unterminated
+DEGEN_MODELS := $(if $(and $(wildcard tests/tools/mkgguf.c),$(wildcard $(MODEL))),$(DEGEN_KINDS:%=$(BUILD)/tests/models/degenerate-%.gguf),)
+
 .PHONY: all setup model test check asan tsan valgrind fuzz bench cuda format format-check clean help run
-all: $(BINS) $(UNIT_BINS) $(TOOL_BINS) $(BENCH_BINS) $(TINY_MODELS)
+all: $(BINS) $(UNIT_BINS) $(TOOL_BINS) $(BENCH_BINS) $(TINY_MODELS) $(DEGEN_MODELS)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -82,6 +88,10 @@ $(BUILD)/tests/tools/%: $(BUILD)/tests/tools/%.o $(LIB)
 $(BUILD)/tests/models/tiny-%.gguf: $(BUILD)/tests/tools/mkgguf
 	@mkdir -p $(dir $@)
 	$(BUILD)/tests/tools/mkgguf -o $@ --type $* --seed 7
+
+$(BUILD)/tests/models/degenerate-%.gguf: $(BUILD)/tests/tools/mkgguf $(MODEL)
+	@mkdir -p $(dir $@)
+	$(BUILD)/tests/tools/mkgguf -o $@ --type q8_0 --ctx 8192 --degenerate $* --vocab-from $(MODEL)
 
 # ---- Set-up: Debian packages, the test venv, the default model (all idempotent) ----
 setup:

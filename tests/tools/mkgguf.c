@@ -8,6 +8,24 @@
  * 1/sqrt(row length), so activations stay O(1) through the layers. --corrupt KIND writes one of a
  * set of bad files instead (see usage()); the first ten are broken GGUF, the last three are valid
  * GGUF but a wrong model, which the model loader has to reject.
+ *
+ * --degenerate KIND --vocab-from MODEL.gguf writes a deterministic degenerate model instead: the
+ * tokenizer.* metadata (vocabulary, merges, special tokens, chat template) of MODEL, tiny
+ * dimensions, and weights chosen so that the real forward pass emits a fixed sequence forever and
+ * never EOS, whatever the prompt: PREFIX once, then CYCLE again and again (KIND names a built-in
+ * pair, see degen_kinds; --degenerate-text CYCLE and --degenerate-prefix PREFIX give others). How:
+ * PREFIX and CYCLE are cut into tokens of MODEL's vocabulary that are all distinct (any cut whose
+ * pieces concatenate to the text, found by a longest-first search, so the decoded text is exact);
+ * graph token i gets slot i, every other token slot S-1. The embedding of a token is the one-hot
+ * of its slot, every attention and FFN matrix is zero (the residual stream keeps the one-hot), the
+ * norms are 1, and output row u holds DEGEN_LOGIT / sqrt(dim) in column k when u follows slot k:
+ * the next token is next(current) with a logit of DEGEN_LOGIT against 0 for every other token
+ * (greedy and temperature sampling alike; penalties and logit_bias cannot overturn it). The cycle's
+ * last token is followed by its first; slot S-1 (a prompt ending in a token outside the graph) by
+ * the first token of PREFIX (or CYCLE). A prompt that ends in a graph token continues after it.
+ * The token that is exactly "\n" is used only as the last token of CYCLE (a ChatML generation
+ * prompt ends in it, so chat requests start at the beginning). Besides OUT, OUT.json describes the
+ * model for tests: {"kind", "prefix", "cycle", "prefix_ids", "cycle_ids", "logit"}.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -19,13 +37,20 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <json-c/json.h>
+
 #include "common/cm_util.h"
+#include "engine/gguf.h"
+#include "engine/tokenizer.h"
 #include "kernels/kern.h"
 #include "kernels/quant.h"
 
 #define MK_ALIGN 32
 #define MK_MAX_TENSORS 1024
 #define MK_N_BYTE_TOKENS 256
+#define DEGEN_LOGIT 400.0f   /* the next token's logit; every other token's is 0 */
+#define DEGEN_MAX_GRAPH 1024 /* tokens in PREFIX + CYCLE */
+#define DEGEN_SEARCH_STEPS 2000000
 
 struct mk_opts {
     const char *out;
@@ -37,6 +62,20 @@ struct mk_opts {
     bool tied;
     uint32_t version;
     const char *corrupt;
+    const char *degen_kind;   /* --degenerate */
+    const char *degen_text;   /* the cycle */
+    const char *degen_prefix; /* emitted once before the cycle */
+    const char *vocab_from;   /* --vocab-from */
+};
+
+/* What the degenerate model emits: graph[0..n_prefix) once, then graph[n_prefix..n) forever. */
+struct mk_degen {
+    struct eng_gguf *src;
+    struct eng_tok *tok;
+    int32_t graph[DEGEN_MAX_GRAPH];
+    int n, n_prefix;
+    int n_slots;      /* n + 1: the last slot is every token outside the graph */
+    int32_t *slot_of; /* (n_vocab) */
 };
 
 struct mk_tensor {
@@ -45,10 +84,13 @@ struct mk_tensor {
     uint64_t ne[2];
     enum kern_dtype type;
     float mean, std; /* weights are mean + std * (uniform with unit variance) */
+    int fill;        /* FILL_RANDOM, or a degenerate model's embedding / output */
     uint64_t offset; /* in the data section */
     uint64_t n_bytes;
     size_t info_pos; /* where its tensor-info record starts in the info buffer */
 };
+
+enum { FILL_RANDOM = 0, FILL_DEGEN_EMBD, FILL_DEGEN_OUT };
 
 struct mk_buf {
     uint8_t *p;
@@ -64,6 +106,7 @@ struct mk_model {
     uint64_t n_kv;
     size_t first_key_pos; /* offset of the first key's length in kv */
     uint64_t data_bytes;
+    struct mk_degen *degen; /* NULL: random weights */
 };
 
 /* ---- Byte buffer ---- */
@@ -284,6 +327,342 @@ write_metadata(struct mk_model *m, const struct mk_opts *o)
     free(types);
 }
 
+/* ---- Degenerate models: metadata from another GGUF ---- */
+
+static size_t
+vtype_size(enum eng_gguf_vtype t)
+{
+    switch (t) {
+    case ENG_GGUF_U8:
+    case ENG_GGUF_I8:
+    case ENG_GGUF_BOOL:
+        return 1;
+    case ENG_GGUF_U16:
+    case ENG_GGUF_I16:
+        return 2;
+    case ENG_GGUF_U32:
+    case ENG_GGUF_I32:
+    case ENG_GGUF_F32:
+        return 4;
+    default:
+        return 8;
+    }
+}
+
+/* Appends one key/value of a validated GGUF file as it was. */
+static void
+kv_copy(struct mk_model *m, const struct eng_gguf_kv *kv)
+{
+    char key[256];
+    snprintf(key, sizeof(key), "%.*s", (int)kv->key.len, kv->key.data);
+    kv_key(m, key, (uint32_t)kv->type);
+    if (kv->type == ENG_GGUF_STRING) {
+        buf_u64(&m->kv, kv->v.str.len);
+        buf_put(&m->kv, kv->v.str.data, (size_t)kv->v.str.len);
+    } else if (kv->type == ENG_GGUF_ARRAY) {
+        const struct eng_gguf_arr *a = &kv->v.arr;
+        buf_u32(&m->kv, (uint32_t)a->type);
+        buf_u64(&m->kv, a->n);
+        for (uint64_t i = 0; a->type == ENG_GGUF_STRING && i < a->n; i++) {
+            buf_u64(&m->kv, a->strs[i].len);
+            buf_put(&m->kv, a->strs[i].data, (size_t)a->strs[i].len);
+        }
+        if (a->type != ENG_GGUF_STRING)
+            buf_put(&m->kv, a->data, (size_t)a->n * vtype_size(a->type));
+    } else if (kv->type == ENG_GGUF_F32) {
+        float f = (float)kv->v.f64;
+        buf_put(&m->kv, &f, 4);
+    } else if (kv->type == ENG_GGUF_F64) {
+        buf_put(&m->kv, &kv->v.f64, 8);
+    } else if (kv->type == ENG_GGUF_I8 || kv->type == ENG_GGUF_I16 || kv->type == ENG_GGUF_I32 ||
+               kv->type == ENG_GGUF_I64) {
+        buf_put(&m->kv, &kv->v.i64, vtype_size(kv->type)); /* little-endian: the low bytes */
+    } else {
+        buf_put(&m->kv, &kv->v.u64, vtype_size(kv->type));
+    }
+}
+
+static void
+write_metadata_degen(struct mk_model *m, const struct mk_opts *o)
+{
+    char key[128], name[96];
+    snprintf(name, sizeof(name), "mkgguf degenerate %s", o->degen_kind ? o->degen_kind : "custom");
+    kv_str(m, "general.architecture", o->arch);
+    kv_str(m, "general.name", name);
+    kv_u32(m, "general.alignment", MK_ALIGN);
+    kv_archf(m, o, "context_length", (uint32_t)o->ctx);
+    kv_archf(m, o, "embedding_length", (uint32_t)o->dim);
+    kv_archf(m, o, "block_count", (uint32_t)o->layers);
+    kv_archf(m, o, "feed_forward_length", (uint32_t)o->ffn);
+    kv_archf(m, o, "attention.head_count", (uint32_t)o->heads);
+    kv_archf(m, o, "attention.head_count_kv", (uint32_t)o->kv_heads);
+    kv_archf(m, o, "rope.dimension_count", (uint32_t)(o->dim / o->heads));
+    kv_archf(m, o, "vocab_size", (uint32_t)m->n_tokens);
+    snprintf(key, sizeof(key), "%s.rope.freq_base", o->arch);
+    kv_f32(m, key, 10000.0f);
+    snprintf(key, sizeof(key), "%s.attention.layer_norm_rms_epsilon", o->arch);
+    kv_f32(m, key, 1e-5f);
+    const struct eng_gguf *g = m->degen->src;
+    for (uint64_t i = 0; i < g->n_kv; i++) {
+        const struct eng_gguf_kv *kv = &g->kv[i];
+        if (kv->key.len > 10 && memcmp(kv->key.data, "tokenizer.", 10) == 0)
+            kv_copy(m, kv);
+    }
+}
+
+/* The built-in degenerate outputs. */
+static const struct {
+    const char *kind, *prefix, *cycle;
+} degen_kinds[] = {
+    /* the same sentence, no line break: sentence_loop (the third) before line_repeat (the 4th) */
+    {"sentence", "", "I will run the same build command again to see whether it works now. "},
+    /* the same line, no sentence end: line_repeat (sentence_loop cuts only at 1024 bytes) */
+    {"line", "", "retry the build with the same flags and options\n"},
+    /* a period of 16 tokens, no sentence end, no line: token_loop trips at 48 tokens (3
+     * periods), before line_repeat's 30-byte phrase can occur a 4th time (after 52) */
+    {"tokens", "",
+     " time people year way day man thing woman life child world school state family student"
+     " group"},
+    /* a tool call that opens a JSON string and never closes it: unterminated_tool_call */
+    {"unterminated", "<tool_call>{\"", "lorem ipsum dolor sit amet "},
+};
+
+struct degen_search {
+    const char *text;
+    size_t len, boundary; /* the prefix ends at boundary: no token crosses it */
+    int n_vocab;
+    const char **piece;
+    size_t *piece_len;
+    uint8_t *usable, *used;
+    int32_t **cand; /* (len) per position: the usable ids whose piece starts there, longest first */
+    int *n_cand;
+    int32_t *path;
+    int n_path;
+    long steps;
+};
+
+/* Depth-first, longest piece first: a cut of text[at..] into unused tokens. */
+static bool
+degen_cut(struct degen_search *d, size_t at)
+{
+    if (at == d->len)
+        return true;
+    if (++d->steps > DEGEN_SEARCH_STEPS || d->n_path == DEGEN_MAX_GRAPH)
+        return false;
+    for (int c = 0; c < d->n_cand[at]; c++) {
+        int32_t id = d->cand[at][c];
+        if (d->used[id])
+            continue;
+        d->used[id] = 1;
+        d->path[d->n_path++] = id;
+        if (degen_cut(d, at + d->piece_len[id]))
+            return true;
+        d->n_path--;
+        d->used[id] = 0;
+    }
+    return false;
+}
+
+/* Fills cand[at]: usable ids whose piece matches text at `at` without crossing the prefix's end;
+ * "\n" alone only as the very last token (see the top of this file). */
+static void
+degen_candidates(struct degen_search *d, size_t at)
+{
+    size_t limit = at < d->boundary ? d->boundary : d->len;
+    int32_t *c = cm_xmalloc((size_t)d->n_vocab * sizeof(int32_t));
+    int n = 0;
+    for (int id = 0; id < d->n_vocab; id++) {
+        size_t want = d->piece_len[id];
+        if (!d->usable[id] || want > limit - at || memcmp(d->piece[id], d->text + at, want) != 0)
+            continue;
+        if (want == 1 && d->text[at] == '\n' && at + 1 != d->len)
+            continue;
+        int j = n++;
+        while (j > 0 && d->piece_len[c[j - 1]] < want) { /* longest first, stable */
+            c[j] = c[j - 1];
+            j--;
+        }
+        c[j] = id;
+    }
+    d->cand[at] = c;
+    d->n_cand[at] = n;
+}
+
+static int
+degen_build(struct mk_degen *dg, const char *prefix, const char *cycle)
+{
+    int n_vocab = eng_tok_n_vocab(dg->tok);
+    struct degen_search d = {.len = strlen(prefix) + strlen(cycle), .boundary = strlen(prefix)};
+    char *text = cm_xmalloc(d.len + 1);
+    snprintf(text, d.len + 1, "%s%s", prefix, cycle);
+    d.text = text;
+    d.n_vocab = n_vocab;
+    d.piece = cm_xcalloc((size_t)n_vocab, sizeof(*d.piece));
+    d.piece_len = cm_xcalloc((size_t)n_vocab, sizeof(*d.piece_len));
+    d.usable = cm_xcalloc((size_t)n_vocab, 1);
+    d.used = cm_xcalloc((size_t)n_vocab, 1);
+    d.path = dg->graph;
+    for (int id = 0; id < n_vocab; id++) {
+        d.piece_len[id] = eng_tok_piece(dg->tok, id, false, &d.piece[id]);
+        d.usable[id] = d.piece_len[id] > 0 && d.piece_len[id] <= d.len &&
+                       !eng_tok_is_eog(dg->tok, id) && id != eng_tok_bos(dg->tok) &&
+                       id != eng_tok_eos(dg->tok);
+    }
+    d.cand = cm_xcalloc(d.len + 1, sizeof(*d.cand));
+    d.n_cand = cm_xcalloc(d.len + 1, sizeof(*d.n_cand));
+    for (size_t at = 0; at < d.len; at++)
+        degen_candidates(&d, at);
+    int rc = 0;
+    if (strlen(cycle) == 0 || !degen_cut(&d, 0)) {
+        fprintf(stderr, "mkgguf: no cut of the degenerate text into distinct tokens (%ld steps)\n",
+                d.steps);
+        rc = -EINVAL;
+    } else {
+        dg->n = d.n_path;
+        for (int i = 0; i < d.n_path; i++) {
+            size_t at = 0;
+            for (int j = 0; j < i; j++)
+                at += d.piece_len[dg->graph[j]];
+            if (at == d.boundary)
+                dg->n_prefix = i;
+        }
+        if (d.boundary == 0)
+            dg->n_prefix = 0;
+        dg->n_slots = dg->n + 1;
+        dg->slot_of = cm_xmalloc((size_t)n_vocab * sizeof(*dg->slot_of));
+        for (int id = 0; id < n_vocab; id++)
+            dg->slot_of[id] = dg->n; /* outside the graph */
+        for (int i = 0; i < dg->n; i++)
+            dg->slot_of[dg->graph[i]] = i;
+    }
+    for (size_t at = 0; at < d.len; at++)
+        free(d.cand[at]);
+    free(d.cand);
+    free(d.n_cand);
+    free(text);
+    free(d.piece);
+    free(d.piece_len);
+    free(d.usable);
+    free(d.used);
+    return rc;
+}
+
+/* The token that follows slot k. */
+static int32_t
+degen_next(const struct mk_degen *dg, int k)
+{
+    if (k == dg->n)
+        return dg->graph[0];
+    return k + 1 < dg->n ? dg->graph[k + 1] : dg->graph[dg->n_prefix];
+}
+
+static struct json_object *
+json_ids(const int32_t *ids, int n)
+{
+    struct json_object *a = json_object_new_array();
+    for (int i = 0; i < n; i++)
+        json_object_array_add(a, json_object_new_int(ids[i]));
+    return a;
+}
+
+/* OUT.json: what the model emits, for tests. */
+static int
+degen_describe(const struct mk_degen *dg, const struct mk_opts *o, const char *prefix,
+               const char *cycle)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s.json", o->out);
+    struct json_object *j = json_object_new_object();
+    json_object_object_add(j, "kind", json_object_new_string(o->degen_kind ? o->degen_kind : ""));
+    json_object_object_add(j, "prefix", json_object_new_string(prefix));
+    json_object_object_add(j, "cycle", json_object_new_string(cycle));
+    json_object_object_add(j, "prefix_ids", json_ids(dg->graph, dg->n_prefix));
+    json_object_object_add(j, "cycle_ids",
+                           json_ids(dg->graph + dg->n_prefix, dg->n - dg->n_prefix));
+    json_object_object_add(j, "logit", json_object_new_double(DEGEN_LOGIT));
+    int rc = json_object_to_file_ext(path, j, JSON_C_TO_STRING_PRETTY) == 0 ? 0 : -EIO;
+    if (rc)
+        fprintf(stderr, "mkgguf: cannot write %s\n", path);
+    json_object_put(j);
+    return rc;
+}
+
+/* Opens --vocab-from, resolves the texts, cuts them into tokens. */
+static int
+degen_open(struct mk_model *m, const struct mk_opts *o, const char **prefix, const char **cycle)
+{
+    char err[ENG_GGUF_ERR_LEN] = "";
+    struct mk_degen *dg = cm_xcalloc(1, sizeof(*dg));
+    m->degen = dg;
+    *prefix = o->degen_prefix ? o->degen_prefix : "";
+    *cycle = o->degen_text;
+    for (size_t i = 0; o->degen_kind && i < sizeof(degen_kinds) / sizeof(degen_kinds[0]); i++) {
+        if (strcmp(degen_kinds[i].kind, o->degen_kind) == 0) {
+            *prefix = o->degen_prefix ? o->degen_prefix : degen_kinds[i].prefix;
+            *cycle = o->degen_text ? o->degen_text : degen_kinds[i].cycle;
+        }
+    }
+    if (*cycle == NULL) {
+        fprintf(stderr, "mkgguf: unknown --degenerate kind '%s'\n", o->degen_kind);
+        return -EINVAL;
+    }
+    if (eng_gguf_open(o->vocab_from, &dg->src, err, sizeof(err)) < 0 ||
+        eng_tok_new(dg->src, &dg->tok, err, sizeof(err)) < 0) {
+        fprintf(stderr, "mkgguf: %s: %s\n", o->vocab_from, err);
+        return -EINVAL;
+    }
+    m->n_tokens = eng_tok_n_vocab(dg->tok);
+    int rc = degen_build(dg, *prefix, *cycle);
+    if (rc == 0 && dg->n_slots > o->dim) {
+        fprintf(stderr, "mkgguf: the degenerate text needs %d tokens: --dim must be above that\n",
+                dg->n);
+        rc = -EINVAL;
+    }
+    return rc;
+}
+
+static void
+degen_close(struct mk_degen *dg)
+{
+    if (dg == NULL)
+        return;
+    eng_tok_free(dg->tok);
+    eng_gguf_close(dg->src);
+    free(dg->slot_of);
+    free(dg);
+}
+
+/* Degenerate weights: norms 1, layer matrices 0, embedding and output as described at the top. */
+static void
+degen_tensors(struct mk_model *m)
+{
+    for (int i = 0; i < m->n_tensors; i++) {
+        struct mk_tensor *t = &m->t[i];
+        t->std = 0.0f;
+        t->mean = strstr(t->name, "norm") ? 1.0f : 0.0f;
+        if (strcmp(t->name, "token_embd.weight") == 0)
+            t->fill = FILL_DEGEN_EMBD;
+        else if (strcmp(t->name, "output.weight") == 0)
+            t->fill = FILL_DEGEN_OUT;
+    }
+}
+
+/* Row r of a degenerate embedding or output matrix. */
+static void
+degen_row(const struct mk_model *m, const struct mk_tensor *t, uint64_t r, float *row)
+{
+    const struct mk_degen *dg = m->degen;
+    memset(row, 0, (size_t)t->ne[0] * sizeof(float));
+    if (t->fill == FILL_DEGEN_EMBD) {
+        row[dg->slot_of[r]] = 1.0f;
+        return;
+    }
+    for (int k = 0; k < dg->n_slots; k++) {
+        if (degen_next(dg, k) == (int32_t)r)
+            row[k] = DEGEN_LOGIT / sqrtf((float)t->ne[0]);
+    }
+}
+
 /* ---- Tensors ---- */
 
 static void
@@ -448,7 +827,7 @@ encode_row(enum kern_dtype type, const float *src, void *dst, int64_t n)
 }
 
 static int
-write_tensor_data(FILE *f, const struct mk_tensor *t, uint64_t seed)
+write_tensor_data(FILE *f, const struct mk_model *m, const struct mk_tensor *t, uint64_t seed)
 {
     size_t row_bytes = (size_t)(t->n_bytes / t->ne[1]);
     float *row = cm_xmalloc((size_t)t->ne[0] * sizeof(float));
@@ -456,7 +835,9 @@ write_tensor_data(FILE *f, const struct mk_tensor *t, uint64_t seed)
     uint64_t s = tensor_seed(seed, t->name);
     int rc = 0;
     for (uint64_t r = 0; r < t->ne[1]; r++) {
-        for (uint64_t i = 0; i < t->ne[0]; i++)
+        if (t->fill != FILL_RANDOM)
+            degen_row(m, t, r, row);
+        for (uint64_t i = 0; t->fill == FILL_RANDOM && i < t->ne[0]; i++)
             row[i] = t->mean + t->std * rng_unit(&s);
         rc = encode_row(t->type, row, q, (int64_t)t->ne[0]);
         if (rc) {
@@ -553,7 +934,7 @@ write_file(struct mk_model *m, const struct mk_opts *o)
             fwrite(zeros, 1, (size_t)(want - (uint64_t)pos), f) != want - (uint64_t)pos)
             rc = -EIO;
         if (!rc)
-            rc = write_tensor_data(f, &m->t[i], o->seed);
+            rc = write_tensor_data(f, m, &m->t[i], o->seed);
     }
     if (fflush(f) != 0)
         rc = rc ? rc : -EIO;
@@ -581,9 +962,13 @@ usage(FILE *f)
            "              [--arch llama|qwen2] [--layers 2] [--dim 64] [--heads 4] [--kv-heads 2]\n"
            "              [--ffn 128] [--ctx 256] [--seed 1] [--tied|--untied] [--version 2|3]\n"
            "              [--corrupt KIND] [--vocab N]\n"
+           "       mkgguf -o FILE --degenerate sentence|line|tokens|unterminated\n"
+           "              --vocab-from MODEL.gguf [--degenerate-text CYCLE]\n"
+           "              [--degenerate-prefix PREFIX] [dimension options]\n"
            "K-quant types need --dim and --ffn multiples of 256 (default 256 and 512 for them).\n"
            "KIND: truncated magic version offset count kvcount strlen type dims misaligned\n"
-           "      (broken GGUF), missing shape vocab (valid GGUF, wrong model).\n");
+           "      (broken GGUF), missing shape vocab (valid GGUF, wrong model).\n"
+           "--degenerate: a model that emits PREFIX then CYCLE forever (also writes FILE.json).\n");
 }
 
 static int
@@ -659,6 +1044,12 @@ check_opts(struct mk_opts *o, bool dim_set, bool ffn_set)
         fprintf(stderr, "mkgguf: --version must be 2 or 3\n");
         return -EINVAL;
     }
+    if ((o->degen_kind || o->degen_text || o->degen_prefix) != (o->vocab_from != NULL) ||
+        (o->vocab_from && o->corrupt)) {
+        fprintf(stderr, "mkgguf: --degenerate (or --degenerate-text) and --vocab-from go "
+                        "together, without --corrupt\n");
+        return -EINVAL;
+    }
     if (o->corrupt) {
         int i = 0;
         while (corrupt_kinds[i] && strcmp(corrupt_kinds[i], o->corrupt) != 0)
@@ -690,6 +1081,10 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         O_VERSION,
         O_CORRUPT,
         O_VOCAB,
+        O_DEGEN,
+        O_DEGEN_TEXT,
+        O_DEGEN_PREFIX,
+        O_VOCAB_FROM,
         O_HELP
     };
     static const struct option longopts[] = {
@@ -707,6 +1102,10 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         {"version", required_argument, NULL, O_VERSION},
         {"corrupt", required_argument, NULL, O_CORRUPT},
         {"vocab", required_argument, NULL, O_VOCAB},
+        {"degenerate", required_argument, NULL, O_DEGEN},
+        {"degenerate-text", required_argument, NULL, O_DEGEN_TEXT},
+        {"degenerate-prefix", required_argument, NULL, O_DEGEN_PREFIX},
+        {"vocab-from", required_argument, NULL, O_VOCAB_FROM},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -763,6 +1162,18 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         case O_VOCAB:
             rc = parse_int(optarg, "--vocab", 1, 1 << 20, &o->vocab);
             break;
+        case O_DEGEN:
+            o->degen_kind = optarg;
+            break;
+        case O_DEGEN_TEXT:
+            o->degen_text = optarg;
+            break;
+        case O_DEGEN_PREFIX:
+            o->degen_prefix = optarg;
+            break;
+        case O_VOCAB_FROM:
+            o->vocab_from = optarg;
+            break;
         case 'h':
         case O_HELP:
             return 1;
@@ -806,14 +1217,27 @@ main(int argc, char **argv)
         rc = -EINVAL;
         goto out;
     }
-    build_vocab(m, o.vocab);
-    write_metadata(m, &o);
+    const char *prefix = NULL, *cycle = NULL;
+    if (o.vocab_from) {
+        rc = degen_open(m, &o, &prefix, &cycle);
+        if (rc)
+            goto out;
+        write_metadata_degen(m, &o);
+    } else {
+        build_vocab(m, o.vocab);
+        write_metadata(m, &o);
+    }
     rc = build_tensors(m, &o);
     if (rc)
         goto out;
+    if (m->degen)
+        degen_tensors(m);
     write_tensor_infos(m);
     rc = write_file(m, &o);
+    if (!rc && m->degen)
+        rc = degen_describe(m->degen, &o, prefix, cycle);
 out:
+    degen_close(m->degen);
     for (int i = 0; m->tokens && i < m->n_tokens; i++)
         free(m->tokens[i]);
     free(m->tokens);

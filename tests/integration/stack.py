@@ -364,11 +364,12 @@ class Stack:
     """
 
     def __init__(self, engine_flags=(), worker_flags=(), processes=2, threads=8, web=True,
-                 name="st"):
+                 name="st", model=None):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"llm-{name}-", dir="/tmp"))
         if IS_ROOT:
             os.chmod(self.dir, 0o755)  # Apache/nginx children and mod_fcgid workers are nobody
         self.engine_flags = list(engine_flags)
+        self.model = pathlib.Path(model) if model is not None else MODEL  # the GGUF served
         self.engine_socket = self.dir / "engine.sock"
         self.engine = None
         self.old_engines = []
@@ -402,7 +403,7 @@ class Stack:
     def start_engine(self, flags=None):
         if not os.access(ENGINE_BIN, os.X_OK):
             raise AssertionError(f"{ENGINE_BIN} is missing: build it first (make all)")
-        self.engine = Engine(ENGINE_BIN, MODEL, self.dir, *(self.engine_flags if flags is None
+        self.engine = Engine(ENGINE_BIN, self.model, self.dir, *(self.engine_flags if flags is None
                                                               else flags),
                              socket_path=self.engine_socket)
         self.engine.start()

@@ -26,6 +26,10 @@
  * The token that is exactly "\n" is used only as the last token of CYCLE (a ChatML generation
  * prompt ends in it, so chat requests start at the beginning). Besides OUT, OUT.json describes the
  * model for tests: {"kind", "prefix", "cycle", "prefix_ids", "cycle_ids", "logit"}.
+ * Limit: the next token depends on the current one only, so the text must have a cut into
+ * distinct tokens; with SmolLM2's vocabulary a whole tool call (two "tool_call" tags, many '"')
+ * has none, which is why no built-in kind repeats complete tool calls (that needs attention
+ * reading earlier tokens).
  */
 #include <errno.h>
 #include <getopt.h>

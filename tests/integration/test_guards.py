@@ -1,6 +1,6 @@
 """Loop guards end to end (GUARDS.md, issue 5): deterministic degenerate models (a real GGUF whose
 real forward pass emits PREFIX once and then CYCLE forever, never EOS; built by
-tests/tools/mkgguf --degenerate into BUILD/tests/models/degen-KIND.gguf with a KIND.gguf.json
+tests/tools/mkgguf --degenerate into BUILD/tests/models/degenerate-KIND.gguf with a .json beside it
 that names the cycle's token ids) served by the real llm-engine and llm-fcgi behind lighttpd.
 
 For each guard, streaming and not: the response ends with finish_reason "length", stop_reason =
@@ -46,8 +46,14 @@ TOOL_LOOP = {"name_run_cap", "identical_call", "repeated_call_history", "tool_ca
 
 
 def degen_model(kind):
-    path = MODELS / f"degen-{kind}.gguf"
+    path = MODELS / f"degenerate-{kind}.gguf"
     if not path.is_file():
+        if kind == "toolcall":
+            # mkgguf's cycle is a cut into distinct tokens (each token has one successor), and
+            # no cut of a <tool_call> block into distinct tokens of SmolLM2's vocabulary exists
+            # (its quotes and braces repeat): the tool-loop guards run end to end here when such
+            # a model is provided, and through the worker against a fake engine in test_fcgi_gen.
+            pytest.skip(f"{path} is absent: mkgguf cannot build a repeating tool-call model yet")
         msg = f"{path} is missing (the degenerate test models are built by make)"
         if os.environ.get("CI"):
             pytest.fail(msg)

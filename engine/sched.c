@@ -8,6 +8,7 @@
 #include "common/cm_log.h"
 #include "engine/kv.h"
 #include "engine/model.h"
+#include "spill/spill.h"
 
 /* ---- Sequences ---- */
 
@@ -39,6 +40,13 @@ struct seq {
     struct eng_kv_seq kv; /* kv.n_tokens: positions computed */
     int n_preempted;
     int token_loop; /* token_loop guard repeats; 0: off */
+
+    /* For the spill file (the sampler keeps its own copy). */
+    struct eng_sampler_params sp; /* logit_bias points to bias */
+    struct eng_logit_bias *bias;  /* (sp.n_logit_bias) */
+    bool on_disk;                 /* spilled: KV in the file of key id; blocks released */
+    int disk_positions;           /* positions in the file */
+    int immune_until;             /* not a victim while n_gen < immune_until (unless all are) */
 
     uint64_t deadline_ns;
     uint64_t t_submit, t_admit, t_first, t_last, paused_since;
@@ -75,6 +83,8 @@ struct eng_sched {
     int bn_tokens, bn_members, bn_logits;
 
     struct eng_sched_stats st; /* counters; gauges are filled by eng_sched_get_stats */
+
+    struct eng_sched_spill spill; /* store NULL: recompute only */
 };
 
 /* ---- Allocation, with fault injection for tests ---- */
@@ -195,7 +205,13 @@ err:
 static void
 seq_free(struct eng_sched *s, struct seq *q)
 {
+    if (q->on_disk) {
+        spill_remove(s->spill.store, q->id);
+        q->on_disk = false;
+        s->st.spill_deleted++;
+    }
     eng_kv_seq_fini(s->kv, &q->kv);
+    free(q->bias);
     eng_sampler_free(q->sampler);
     free(q->toks);
     free(q->stop);
@@ -440,6 +456,15 @@ seq_new(struct eng_sched *s, const struct eng_sched_req *r, uint64_t now, struct
     rc = eng_sampler_new(&sp, s->model.n_vocab, &q->sampler);
     if (rc < 0)
         goto err;
+    rc = -ENOMEM;
+    if (sp.n_logit_bias > 0) {
+        q->bias = sched_malloc((size_t)sp.n_logit_bias * sizeof(*q->bias));
+        if (q->bias == NULL)
+            goto err;
+        memcpy(q->bias, sp.logit_bias, (size_t)sp.n_logit_bias * sizeof(*q->bias));
+    }
+    sp.logit_bias = q->bias;
+    q->sp = sp;
     q->owner = r->owner;
     q->req_id = r->req_id;
     q->priority = r->priority;
@@ -589,8 +614,14 @@ sweep(struct eng_sched *s)
         seq_finish(s, q, q->cancel ? ENG_SCHED_FINISH_CANCELLED : ENG_SCHED_FINISH_DEADLINE, 0, -1);
 }
 
-/* The victim of a preemption: paused first, then the fewest computed positions, then the latest
- * admitted. */
+static bool
+immune(const struct seq *q)
+{
+    return q->n_gen < q->immune_until;
+}
+
+/* The victim of a preemption: not recently re-admitted unless all are, then paused first, then
+ * the fewest computed positions, then the latest admitted. */
 static struct seq *
 pick_victim(const struct eng_sched *s)
 {
@@ -599,6 +630,11 @@ pick_victim(const struct eng_sched *s)
         struct seq *q = s->run[i];
         if (best == NULL) {
             best = q;
+            continue;
+        }
+        if (immune(q) != immune(best)) {
+            if (!immune(q))
+                best = q;
             continue;
         }
         if (q->paused != best->paused) {
@@ -617,13 +653,176 @@ pick_victim(const struct eng_sched *s)
     return best;
 }
 
-/* Recompute preemption: blocks back to the pool, tokens and sampler kept, front of the queue.
- * TODO(issue 6): spill the victim's KV to disk first and fall back to this when writing fails. */
+/* ---- Spill ---- */
+
+int
+eng_sched_set_spill(struct eng_sched *s, const struct eng_sched_spill *sp)
+{
+    if (s == NULL || sp == NULL || s->n_arrivals > 0)
+        return -EINVAL;
+    if (sp->store != NULL &&
+        (sp->n_layer < 1 || sp->kv_dim < 1 || sp->min_positions < 0 ||
+         2 * (size_t)sp->n_layer * ENG_KV_BLOCK * (size_t)sp->kv_dim * sizeof(float) !=
+             eng_kv_pool_block_bytes(s->kv)))
+        return -EINVAL;
+    s->spill = *sp;
+    if (s->spill.min_positions == 0)
+        s->spill.min_positions = ENG_KV_BLOCK;
+    return 0;
+}
+
+static uint64_t
+clock_now(const struct eng_sched *s)
+{
+    return s->model.now ? s->model.now(s->model.ctx) : s->now;
+}
+
+struct blocks_io {
+    struct eng_kv_pool *pool;
+    const struct eng_kv_seq *kv;
+};
+
+static void *
+block_of(void *ctx, int kind, int i)
+{
+    struct blocks_io *b = ctx;
+    if (i < 0 || i >= b->kv->n_blocks)
+        return NULL;
+    int32_t id = b->kv->table[i];
+    return kind == 0 ? (void *)eng_kv_k(b->pool, id, 0) : (void *)eng_kv_v(b->pool, id, 0);
+}
+
+static struct spill_kv_shape
+spill_shape(const struct eng_sched *s, int n_positions)
+{
+    return (struct spill_kv_shape){
+        .dtype = SPILL_KV_F32,
+        .n_layer = s->spill.n_layer,
+        .kv_dim = s->spill.kv_dim,
+        .block_tokens = ENG_KV_BLOCK,
+        .n_positions = n_positions,
+    };
+}
+
+/* The file's description of q (arrays borrowed from q). */
+static void
+spill_state_of(const struct eng_sched *s, const struct seq *q, struct spill_state *st)
+{
+    const struct eng_sampler_params *p = &q->sp;
+    memset(st, 0, sizeof(*st));
+    st->req_id = q->req_id;
+    st->key = q->id;
+    eng_sampler_get_rng(q->sampler, st->rng);
+    st->sampling = (struct spill_sampling){
+        .temperature = p->temperature,
+        .top_k = p->top_k,
+        .top_p = p->top_p,
+        .min_p = p->min_p,
+        .repetition_penalty = p->repetition_penalty,
+        .repeat_last_n = p->repeat_last_n,
+        .presence_penalty = p->presence_penalty,
+        .frequency_penalty = p->frequency_penalty,
+        .seed = p->seed,
+        .top_logprobs = p->top_logprobs,
+    };
+    st->max_tokens = q->max_tokens;
+    st->logprobs = p->top_logprobs > 0;
+    st->token_loop = q->token_loop;
+    st->priority = q->priority;
+    st->n_prompt = q->n_prompt;
+    st->n_generated = q->n_gen;
+    st->tokens = q->toks;
+    st->n_logit_bias = p->n_logit_bias;
+    /* struct eng_logit_bias and struct spill_bias are both (int32 id, float bias). */
+    _Static_assert(sizeof(struct eng_logit_bias) == sizeof(struct spill_bias), "bias layout");
+    st->logit_bias = (const struct spill_bias *)(const void *)q->bias;
+    st->n_stop = q->n_stop;
+    st->stop = q->stop;
+    st->kv = spill_shape(s, q->kv.n_tokens);
+}
+
+/* Writes q's KV to its file. Returns 0 or the spill error (the caller recomputes). */
+static int
+spill_out(struct eng_sched *s, struct seq *q)
+{
+    uint64_t t0 = clock_now(s);
+    struct spill_state st;
+    spill_state_of(s, q, &st);
+    struct blocks_io b = {s->kv, &q->kv};
+    struct spill_kv_io io = {&b, block_of};
+    int rc = spill_write(s->spill.store, &st, &io);
+    if (rc < 0) {
+        s->st.spill_failures++;
+        s->st.recompute_fallbacks++;
+        CM_LOG(CM_LOG_WARN,
+               "spill failed, recomputing instead req=%llu seq=%llu positions=%d rc=%d",
+               (unsigned long long)q->req_id, (unsigned long long)q->id, q->kv.n_tokens, rc);
+        return rc;
+    }
+    s->st.spills++;
+    s->st.spill_bytes += spill_file_bytes(&st);
+    hist_add(&s->st.spill_ms, elapsed(t0, clock_now(s)));
+    q->on_disk = true;
+    q->disk_positions = q->kv.n_tokens;
+    return 0;
+}
+
+/* Whether the file's state is q's: the re-binding by request id, and a guard against a file
+ * that is whole but not this sequence's. */
+static bool
+state_matches(const struct seq *q, const struct spill_state *st)
+{
+    uint64_t rng[4];
+    eng_sampler_get_rng(q->sampler, rng);
+    return st->req_id == q->req_id && st->n_prompt == q->n_prompt && st->n_generated == q->n_gen &&
+           memcmp(st->tokens, q->toks, (size_t)q->n_toks * sizeof(*q->toks)) == 0 &&
+           memcmp(st->rng, rng, sizeof(rng)) == 0 && st->max_tokens == q->max_tokens &&
+           st->n_stop == q->n_stop &&
+           (q->n_stop == 0 || memcmp(st->stop, q->stop, (size_t)q->n_stop * sizeof(*q->stop)) == 0);
+}
+
+/* Reads q's file into the blocks just reserved for it and deletes the file. A file that cannot
+ * be read or verified leaves q to recompute from its tokens (kv.n_tokens 0). */
+static void
+restore_in(struct eng_sched *s, struct seq *q)
+{
+    uint64_t t0 = clock_now(s);
+    struct spill_expect exp = {
+        .kv = spill_shape(s, q->disk_positions),
+        .max_positions = q->disk_positions,
+        .max_tokens_total = q->n_toks,
+    };
+    struct blocks_io b = {s->kv, &q->kv};
+    struct spill_kv_io io = {&b, block_of};
+    struct spill_state *st = NULL;
+    int rc = spill_read(s->spill.store, q->id, &exp, &io, &st);
+    if (rc == 0 && !state_matches(q, st))
+        rc = -EBADMSG;
+    spill_state_free(st);
+    spill_remove(s->spill.store, q->id);
+    q->on_disk = false;
+    if (rc < 0) {
+        s->st.restore_failures++;
+        s->st.recompute_fallbacks++;
+        CM_LOG(CM_LOG_WARN, "restore failed, recomputing req=%llu seq=%llu positions=%d rc=%d",
+               (unsigned long long)q->req_id, (unsigned long long)q->id, q->disk_positions, rc);
+        q->kv.n_tokens = 0;
+        return;
+    }
+    q->kv.n_tokens = q->disk_positions;
+    s->st.restores++;
+    hist_add(&s->st.restore_ms, elapsed(t0, clock_now(s)));
+}
+
+/* Preemption: spill when there is a store and enough to save, else (or when that fails)
+ * recompute. Blocks back to the pool, tokens and sampler kept, front of the queue. */
 static void
 preempt(struct eng_sched *s, struct seq *q)
 {
-    CM_LOG(CM_LOG_DEBUG, "sched: preempt seq=%llu computed=%d blocks=%d", (unsigned long long)q->id,
-           q->kv.n_tokens, q->kv.n_blocks);
+    bool spilled =
+        s->spill.store != NULL && q->kv.n_tokens >= s->spill.min_positions && spill_out(s, q) == 0;
+    CM_LOG(CM_LOG_DEBUG, "sched: preempt seq=%llu computed=%d blocks=%d spilled=%d",
+           (unsigned long long)q->id, q->kv.n_tokens, q->kv.n_blocks, spilled);
     run_remove(s, q);
     eng_kv_seq_release(s->kv, &q->kv);
     q->preempted = true;
@@ -714,6 +913,10 @@ admit(struct eng_sched *s)
             continue;
         }
         queue_remove(s, q);
+        if (q->preempted)
+            q->immune_until = q->n_gen + ENG_SCHED_IMMUNITY;
+        if (q->on_disk)
+            restore_in(s, q);
         q->preempted = false;
         q->admit_order = ++s->n_admissions;
         s->run[s->n_run++] = q;
@@ -930,6 +1133,7 @@ eng_sched_seq_info(const struct eng_sched *s, uint64_t seq_id, struct eng_sched_
     out->n_computed = q->kv.n_tokens;
     out->n_blocks = q->kv.n_blocks;
     out->n_preempted = q->n_preempted;
+    out->on_disk = q->on_disk;
     return 0;
 }
 
@@ -946,4 +1150,6 @@ eng_sched_get_stats(const struct eng_sched *s, struct eng_sched_stats *out)
         out->paused += q->paused;
     out->kv_blocks_total = eng_kv_pool_n_blocks(s->kv);
     out->kv_blocks_used = out->kv_blocks_total - eng_kv_pool_n_free(s->kv);
+    out->on_disk = s->spill.store ? spill_store_n_files(s->spill.store) : 0;
+    out->disk_bytes = s->spill.store ? spill_store_bytes(s->spill.store) : 0;
 }

@@ -17,16 +17,34 @@
  * One tick (eng_sched_step):
  *   1. Apply pending cancels and expired deadlines (queued and running sequences).
  *   2. Reserve one more block for each decoding, unpaused sequence that needs one. When the pool
- *      is short, preempt by recompute (TODO(issue 6): spill to disk first): the victim (paused
- *      sequences first, then the fewest computed positions, then the latest admitted) releases its
- *      blocks and goes back to the front of the queue with its prompt, generated tokens and
- *      sampler state kept; re-admission prefills them again and it goes on exactly where it
- *      stopped. Growth comes before admission, so running sequences are never starved by new ones.
- *   3. Admit from the queue in order (preempted first, then priority, then arrival) while the
- *      running set has room (max_seqs) and the pool has blocks for the whole sequence plus
+ *      is short, preempt a victim: sequences re-admitted after a preemption in the last
+ *      ENG_SCHED_IMMUNITY generated tokens only when every candidate is, then paused sequences
+ *      first, then the fewest computed positions (least progress), then the latest admitted. With
+ *      a spill store (eng_sched_set_spill) and at least min_positions computed positions the
+ *      victim is spilled: its KV blocks are written to one file (spill/spill.h) and released.
+ *      Otherwise, or when the spill fails (ENOSPC, EIO, a short write, the --spill-max-mb budget),
+ *      it is preempted by recompute: its blocks are released and re-admission prefills its tokens
+ *      again. Either way it goes back to the front of the queue with its prompt, generated
+ *      tokens and sampler kept in memory and goes on exactly where it stopped. Growth comes
+ *      before admission, so running sequences are never starved by new ones.
+ *   3. Admit from the queue in order (preempted first, then priority, then arrival: so spilled
+ *      sequences are restored before new requests are admitted, oldest first) while the running
+ *      set has room (max_seqs) and the pool has blocks for the whole sequence plus
  *      watermark_blocks free; a head that does not fit stops admission (no overtaking); paused
  *      entries are skipped. With no unpaused sequence running the watermark is waived, so a
- *      request that fits is never stuck.
+ *      request that fits is never stuck. A spilled sequence is restored into the freshly
+ *      reserved blocks: the file is read and verified (checksum, shape, and its request id,
+ *      tokens and RNG state against the sequence's in-memory record) and deleted; a corrupt or
+ *      unreadable file is counted and the sequence recomputes from its tokens instead.
+ *
+ * Spilled sequences and their connections: the file holds state, not connections. While a
+ * sequence is on disk the scheduler keeps a small record of it in the queue (ids, owner, tokens,
+ * sampler, cancel state), so the owner link never dangles: eng_sched_cancel_owner detaches the
+ * owner (NULL) and marks it cancelled exactly as for a queued sequence, and that mark is the
+ * tombstone. The restored state is re-bound to the record by request id (a file whose request id,
+ * tokens or RNG differ from the record is treated as corrupt). A cancel, a closed connection or
+ * an expired deadline finishes an on-disk sequence at the top of the next step: its file is
+ * deleted and DONE is emitted (CANCELLED / DEADLINE) without reading it back.
  *   4. Build one batch: one decode token per decoding, unpaused sequence, then prefill chunks of
  *      prefilling, unpaused sequences (oldest first) up to max_batch_tokens in total.
  *   5. Run the forward pass; advance each sequence's KV position.
@@ -67,6 +85,11 @@
 struct eng_kv_pool;
 struct eng_batch;
 struct eng_sched;
+struct spill_store;
+
+/* Generated tokens after a re-admission during which a sequence is not preempted again unless
+ * every candidate is as recent. */
+#define ENG_SCHED_IMMUNITY 64
 
 /* ---- Seams ---- */
 
@@ -154,6 +177,20 @@ int eng_sched_new(const struct eng_sched_config *cfg, const struct eng_sched_mod
  * clean shutdown); their blocks go back to the pool. NULL is a no-op. */
 void eng_sched_free(struct eng_sched *s);
 
+/* Spill (issue 6). store is borrowed and must outlive the scheduler; n_layer and kv_dim describe
+ * the pool (for the file's shape); victims with fewer than min_positions computed positions are
+ * recomputed instead (cheaper than a file); 0 picks ENG_KV_BLOCK. Call before any submit. Only for
+ * a pool whose blocks hold the KV data (the CPU backend). Returns 0, or -EINVAL (a shape that does
+ * not match the pool's block size, or sequences already submitted). */
+struct eng_sched_spill {
+    struct spill_store *store;
+    int n_layer;
+    int kv_dim;
+    int min_positions;
+};
+
+int eng_sched_set_spill(struct eng_sched *s, const struct eng_sched_spill *sp);
+
 /* ---- Requests ---- */
 
 struct eng_sched_req {
@@ -231,6 +268,7 @@ struct eng_sched_seq_info {
     int n_computed; /* positions in the KV cache */
     int n_blocks;   /* KV blocks held */
     int n_preempted;
+    bool on_disk; /* spilled: its KV is in a file */
 };
 
 /* Returns 0 and fills *out, or -ENOENT. */
@@ -280,6 +318,18 @@ struct eng_sched_stats {
     /* Guard trips the scheduler itself detected, by enum guard_id (guards/guard.h): only
      * token_loop so far. Trips named by a worker's CANCEL are counted by the engine daemon. */
     uint64_t guard_trips[ENG_SCHED_N_GUARDS];
+    /* Spill. Latencies come from model.now (0 without it). */
+    uint64_t spills;              /* sequences written to disk */
+    uint64_t spill_bytes;         /* bytes those files took */
+    uint64_t restores;            /* sequences read back and verified */
+    uint64_t spill_failures;      /* spills that failed (or the budget refused): recomputed */
+    uint64_t restore_failures;    /* corrupt or unreadable files at restore: recomputed */
+    uint64_t recompute_fallbacks; /* spill_failures + restore_failures */
+    uint64_t spill_deleted;       /* files deleted unread (cancel, deadline, shutdown) */
+    int on_disk;                  /* sequences on disk now */
+    uint64_t disk_bytes;          /* bytes of their files now */
+    struct eng_sched_hist spill_ms;
+    struct eng_sched_hist restore_ms;
 };
 
 void eng_sched_get_stats(const struct eng_sched *s, struct eng_sched_stats *out);

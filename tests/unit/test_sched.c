@@ -30,6 +30,11 @@
 #include "engine/sampler.h"
 #include "engine/sched.h"
 #include "guards/guard.h"
+#include "spill/spill.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #define N_VOCAB 64
 #define MAX_IDS 2048 /* seq ids a test may use */
@@ -1723,6 +1728,332 @@ test_sched_stress(void **state)
     h_free(h);
 }
 
+/* ---- Spill ---- */
+
+/* A spill store over a fresh directory, behind a fault layer (the posix ops with no-op fsyncs:
+ * the fault layer still counts and fails them). */
+struct sp {
+    char dir[64];
+    struct spill_io_ops base;
+    struct spill_fault f;
+    struct spill_store *store;
+};
+
+static int
+sp_nop_fsync(void *ctx, int fd)
+{
+    (void)ctx;
+    (void)fd;
+    return 0;
+}
+
+static int
+sp_nop_fsync_dir(void *ctx, const char *d)
+{
+    (void)ctx;
+    (void)d;
+    return 0;
+}
+
+static int
+sp_count_entries(const char *d)
+{
+    DIR *dp = opendir(d);
+    assert_non_null(dp);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(dp)) != NULL)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            n++;
+    closedir(dp);
+    return n;
+}
+
+static void
+sp_open(struct sp *sp, struct h *h)
+{
+    snprintf(sp->dir, sizeof(sp->dir), "/tmp/test_sched_spill.XXXXXX");
+    assert_non_null(mkdtemp(sp->dir));
+    sp->base = *spill_io_posix();
+    sp->base.fsync = sp_nop_fsync;
+    sp->base.fsync_dir = sp_nop_fsync_dir;
+    spill_fault_init(&sp->f, &sp->base, SPILL_OP_WRITE, 0, 0, false, false);
+    assert_int_equal(spill_store_open(sp->dir, 0, 77, &sp->f.ops, &sp->store), 0);
+    struct eng_sched_spill cfg = {.store = sp->store, .n_layer = 1, .kv_dim = 2};
+    assert_int_equal(eng_sched_set_spill(h->s, &cfg), 0);
+}
+
+static void
+sp_close(struct sp *sp)
+{
+    spill_store_close(sp->store);
+    assert_int_equal(sp_count_entries(sp->dir), 0);
+    rmdir(sp->dir);
+}
+
+/* The KV-exhaustion workload of test_sched_kv_exhaustion_recompute. */
+static void
+spill_workload(struct h *h, uint64_t ids[6])
+{
+    for (int i = 0; i < 6; i++) {
+        struct eng_sampler_params sp = (i % 2) ? sampled(200 + (uint64_t)i) : greedy();
+        ids[i] = h_submit(h, 20 + i, 110 + (uint32_t)i, 60, &sp);
+    }
+}
+
+static void
+test_sched_spill_restore_matches_ref(void **state)
+{
+    (void)state;
+    struct h *h = h_new(12, 512, 4, 32);
+    struct sp sp;
+    sp_open(&sp, h);
+    struct eng_sched_spill bad = {.store = sp.store, .n_layer = 2, .kv_dim = 2};
+    assert_int_equal(eng_sched_set_spill(h->s, &bad), -EINVAL); /* not the pool's shape */
+    uint64_t ids[6];
+    spill_workload(h, ids);
+    int max_on_disk = 0;
+    struct eng_sched_stats st;
+    for (int i = 0; i < 100000; i++) {
+        eng_sched_get_stats(h->s, &st);
+        if (st.running == 0 && st.queued == 0)
+            break;
+        h_step_ex(h, false);
+        eng_sched_get_stats(h->s, &st);
+        assert_int_equal(st.on_disk, sp_count_entries(sp.dir)); /* no temp files, no strays */
+        if (st.on_disk > max_on_disk)
+            max_on_disk = st.on_disk;
+    }
+    for (int i = 0; i < 6; i++)
+        assert_matches_ref(h, ids[i]);
+    eng_sched_get_stats(h->s, &st);
+    assert_true(st.spills > 0);
+    assert_true(max_on_disk > 0);
+    assert_int_equal(st.restores, st.spills);
+    assert_int_equal(st.recompute_fallbacks, 0);
+    assert_int_equal(st.on_disk, 0);
+    assert_int_equal(st.disk_bytes, 0);
+    assert_int_equal(eng_kv_pool_n_free(h->kv), eng_kv_pool_n_blocks(h->kv));
+    /* Spilled victims were not prefilled again: less recomputation than without spill. */
+    struct h *h2 = h_new(12, 512, 4, 32);
+    uint64_t ids2[6];
+    spill_workload(h2, ids2);
+    h_run_all(h2, false);
+    struct eng_sched_stats st2;
+    eng_sched_get_stats(h2->s, &st2);
+    assert_true(st.prefill_tokens < st2.prefill_tokens);
+    h_free(h2);
+    h_free(h);
+    sp_close(&sp);
+}
+
+static int
+count_fds(void)
+{
+    return sp_count_entries("/proc/self/fd");
+}
+
+/* Fail the Nth call of each kind of a spill or a restore with ENOSPC or EIO (and short writes),
+ * for every N: every request still matches its reference, nothing leaks. */
+static void
+test_sched_spill_faults_every_call(void **state)
+{
+    (void)state;
+    static const enum spill_op ops[] = {SPILL_OP_OPEN,  SPILL_OP_WRITE,  SPILL_OP_FSYNC,
+                                        SPILL_OP_CLOSE, SPILL_OP_RENAME, SPILL_OP_FSYNC_DIR,
+                                        SPILL_OP_READ,  SPILL_OP_UNLINK};
+    static const int errs[] = {ENOSPC, EIO};
+    int runs = 0, with_fallback = 0;
+    cm_log_set_level(CM_LOG_OFF); /* a WARN per injected fault */
+    for (size_t o = 0; o < sizeof(ops) / sizeof(ops[0]); o++)
+        for (int e = 0; e < 3; e++) /* ENOSPC, EIO, a short write */
+            for (long n = 1;; n++) {
+                struct h *h = h_new(12, 512, 4, 32);
+                struct sp sp;
+                sp_open(&sp, h);
+                int fds = count_fds();
+                bool short_w = e == 2;
+                if (short_w && ops[o] != SPILL_OP_WRITE)
+                    break;
+                spill_fault_init(&sp.f, &sp.base, ops[o], n, short_w ? EIO : errs[e], false,
+                                 short_w);
+                uint64_t ids[6];
+                spill_workload(h, ids);
+                h_run_all(h, false);
+                for (int i = 0; i < 6; i++)
+                    assert_matches_ref(h, ids[i]);
+                struct eng_sched_stats st;
+                eng_sched_get_stats(h->s, &st);
+                assert_int_equal(st.on_disk, 0);
+                assert_int_equal(count_fds(), fds);
+                long injected = sp.f.n_injected;
+                if (injected && !short_w && ops[o] != SPILL_OP_UNLINK && ops[o] != SPILL_OP_CLOSE)
+                    assert_true(st.recompute_fallbacks >= 1);
+                if (st.recompute_fallbacks)
+                    with_fallback++;
+                runs++;
+                h_free(h);
+                sp.f.fail_at = 0;
+                if (ops[o] == SPILL_OP_UNLINK && injected) {
+                    /* A file the engine failed to delete is the one leak allowed: remove it. */
+                    DIR *dp = opendir(sp.dir);
+                    struct dirent *de;
+                    char path[512];
+                    while ((de = readdir(dp)) != NULL) {
+                        if (de->d_name[0] == '.')
+                            continue;
+                        snprintf(path, sizeof(path), "%s/%s", sp.dir, de->d_name);
+                        unlink(path);
+                    }
+                    closedir(dp);
+                }
+                sp_close(&sp);
+                if (injected == 0)
+                    break;
+            }
+    cm_log_set_level(CM_LOG_INFO);
+    print_message("spill faults: %d runs, %d with a recompute fallback\n", runs, with_fallback);
+    assert_true(with_fallback > 20);
+}
+
+/* A file corrupted while on disk: detected at restore, recomputed, same output. */
+static void
+test_sched_spill_corrupt_file_recomputes(void **state)
+{
+    (void)state;
+    struct h *h = h_new(12, 512, 4, 32);
+    struct sp sp;
+    sp_open(&sp, h);
+    uint64_t ids[6];
+    spill_workload(h, ids);
+    int corrupted = 0;
+    bool done_this_spill[6] = {false};
+    struct eng_sched_stats st;
+    for (int i = 0; i < 100000; i++) {
+        eng_sched_get_stats(h->s, &st);
+        if (st.running == 0 && st.queued == 0)
+            break;
+        h_step_ex(h, false);
+        for (int k = 0; k < 6; k++) {
+            struct eng_sched_seq_info info;
+            if (h->recs[ids[k]].n_done || eng_sched_seq_info(h->s, ids[k], &info) < 0 ||
+                !info.on_disk) {
+                done_this_spill[k] = false;
+                continue;
+            }
+            if (done_this_spill[k])
+                continue;
+            done_this_spill[k] = true;
+            char path[512];
+            snprintf(path, sizeof(path), "%s/spill-%ld-%llu.kv", sp.dir, (long)getpid(),
+                     (unsigned long long)ids[k]);
+            int fd = open(path, O_RDWR);
+            assert_true(fd >= 0);
+            uint8_t b = 0;
+            off_t at = 200 + corrupted * 7;
+            assert_int_equal(pread(fd, &b, 1, at), 1);
+            b ^= 0x10;
+            assert_int_equal(pwrite(fd, &b, 1, at), 1);
+            close(fd);
+            corrupted++;
+        }
+    }
+    for (int i = 0; i < 6; i++)
+        assert_matches_ref(h, ids[i]);
+    eng_sched_get_stats(h->s, &st);
+    assert_true(corrupted > 0);
+    assert_int_equal(st.restore_failures, (uint64_t)corrupted);
+    assert_int_equal(st.restores + st.restore_failures, st.spills);
+    h_free(h);
+    sp_close(&sp);
+}
+
+/* Cancel by id, and by owner (a closed connection), of a sequence on disk: finished at the next
+ * step without reading the file, which is deleted; the owner is detached. */
+static void
+test_sched_spill_cancel_on_disk(void **state)
+{
+    (void)state;
+    for (int mode = 0; mode < 2; mode++) {
+        struct h *h = h_new(12, 512, 4, 32);
+        struct sp sp;
+        sp_open(&sp, h);
+        int owner = 1;
+        uint64_t ids[6];
+        for (int i = 0; i < 6; i++) {
+            int32_t prompt[64];
+            make_prompt(prompt, 20 + i, 110 + (uint32_t)i);
+            struct eng_sampler_params gp = greedy();
+            int rc = 0;
+            ids[i] = h_submit_ex(h, prompt, 20 + i, 60, &gp, NULL, 0, &owner, 0, 0, &rc);
+            assert_int_equal(rc, 0);
+        }
+        uint64_t victim = 0;
+        struct eng_sched_seq_info info;
+        for (int t = 0; t < 10000 && !victim; t++) {
+            h_step_ex(h, false);
+            for (int k = 0; k < 6; k++)
+                if (!h->recs[ids[k]].n_done && eng_sched_seq_info(h->s, ids[k], &info) == 0 &&
+                    info.on_disk)
+                    victim = ids[k];
+        }
+        assert_true(victim != 0);
+        assert_int_equal(sp_count_entries(sp.dir), 1);
+        if (mode == 0)
+            assert_int_equal(eng_sched_cancel(h->s, victim, "client"), 0);
+        else
+            assert_true(eng_sched_cancel_owner(h->s, &owner, "disconnect") > 0);
+        struct eng_sched_stats st;
+        eng_sched_get_stats(h->s, &st);
+        uint64_t restores = st.restores;
+        h_step_ex(h, false);
+        assert_int_equal(h->recs[victim].n_done, 1);
+        assert_int_equal(h->recs[victim].done.finish, ENG_SCHED_FINISH_CANCELLED);
+        if (mode == 1)
+            assert_null(h->recs[victim].done_owner);
+        eng_sched_get_stats(h->s, &st);
+        assert_int_equal(st.restores, restores); /* not read back */
+        assert_int_equal(st.spill_deleted, 1);
+        assert_int_equal(st.on_disk, sp_count_entries(sp.dir));
+        h_run_all(h, false);
+        if (mode == 0)
+            for (int i = 0; i < 6; i++)
+                if (ids[i] != victim)
+                    assert_matches_ref(h, ids[i]);
+        h_free(h);
+        sp_close(&sp);
+    }
+}
+
+/* Over the budget: every spill is refused, every victim recomputes, outputs unchanged. */
+static void
+test_sched_spill_budget_falls_back(void **state)
+{
+    (void)state;
+    struct h *h = h_new(12, 512, 4, 32);
+    char dir[64];
+    snprintf(dir, sizeof(dir), "/tmp/test_sched_spill.XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    struct spill_store *store = NULL;
+    assert_int_equal(spill_store_open(dir, 100, 77, NULL, &store), 0);
+    struct eng_sched_spill cfg = {.store = store, .n_layer = 1, .kv_dim = 2};
+    assert_int_equal(eng_sched_set_spill(h->s, &cfg), 0);
+    uint64_t ids[6];
+    spill_workload(h, ids);
+    h_run_all(h, false);
+    for (int i = 0; i < 6; i++)
+        assert_matches_ref(h, ids[i]);
+    struct eng_sched_stats st;
+    eng_sched_get_stats(h->s, &st);
+    assert_int_equal(st.spills, 0);
+    assert_true(st.spill_failures > 0);
+    assert_int_equal(st.recompute_fallbacks, st.spill_failures);
+    assert_int_equal(sp_count_entries(dir), 0);
+    h_free(h);
+    spill_store_close(store);
+    rmdir(dir);
+}
+
 int
 main(void)
 {
@@ -1760,6 +2091,11 @@ main(void)
         cmocka_unit_test(test_sched_token_loop_trips),
         cmocka_unit_test(test_sched_token_loop_no_loop),
         cmocka_unit_test(test_sched_stress),
+        cmocka_unit_test(test_sched_spill_restore_matches_ref),
+        cmocka_unit_test(test_sched_spill_faults_every_call),
+        cmocka_unit_test(test_sched_spill_corrupt_file_recomputes),
+        cmocka_unit_test(test_sched_spill_cancel_on_disk),
+        cmocka_unit_test(test_sched_spill_budget_falls_back),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

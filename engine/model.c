@@ -229,6 +229,30 @@ load_layer(const struct eng_gguf *g, const struct eng_hparams *hp, int il, struc
     return 0;
 }
 
+/* The matrices of the forward pass, for repacking and freeing. */
+static int
+layer_mats(struct eng_layer *l, struct kern_matrix **out)
+{
+    struct kern_matrix *v[] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+    memcpy(out, v, sizeof(v));
+    return (int)(sizeof(v) / sizeof(v[0]));
+}
+
+/* Re-lays out every matmul weight for the decode kernels where the CPU has a packed layout for its
+ * type (kern_matrix_repack); tok_embd stays as it is (embedding rows are read from the file). */
+static int
+repack_all(struct eng_model *m)
+{
+    int rc = kern_matrix_repack(&m->output);
+    for (int il = 0; rc >= 0 && il < m->hp.n_layer; il++) {
+        struct kern_matrix *mats[8];
+        int n = layer_mats(&m->layers[il], mats);
+        for (int i = 0; rc >= 0 && i < n; i++)
+            rc = kern_matrix_repack(mats[i]);
+    }
+    return rc < 0 ? rc : 0;
+}
+
 int
 eng_model_load(const struct eng_gguf *g, struct eng_model **out, char *err, size_t err_len)
 {
@@ -286,6 +310,10 @@ eng_model_load(const struct eng_gguf *g, struct eng_model **out, char *err, size
         if ((rc = load_layer(g, hp, il, &m->layers[il], err, err_len)) < 0)
             goto fail;
     }
+    if ((rc = repack_all(m)) < 0) {
+        set_err(err, err_len, "model: no memory for the repacked weights");
+        goto fail;
+    }
     struct eng_gguf_str name;
     if (eng_gguf_get_str(g, "general.name", &name) == 0 && name.len > 0) {
         size_t n = name.len < sizeof(m->name) - 1 ? name.len : sizeof(m->name) - 1;
@@ -307,6 +335,13 @@ eng_model_free(struct eng_model *m)
 {
     if (!m)
         return;
+    kern_matrix_unpack(&m->output);
+    for (int il = 0; m->layers && il < m->hp.n_layer; il++) {
+        struct kern_matrix *mats[8];
+        int n = layer_mats(&m->layers[il], mats);
+        for (int i = 0; i < n; i++)
+            kern_matrix_unpack(mats[i]);
+    }
     free(m->layers);
     free(m);
 }

@@ -85,7 +85,22 @@ struct kern_matrix {
     int64_t n_out;
     size_t row_bytes;
     const void *data;
+    /* Optional (NULL: none): the rows re-laid out by kern_matrix_repack for the small-batch
+     * (decode) kernels; owned by whoever called kern_matrix_repack. data stays in use. */
+    const void *packed;
 };
+
+/*
+ * Re-lays out w's rows for the decode kernels of the best ISA this CPU has (AVX-512: Q4_0, Q4_1
+ * and Q8_0 as interleaved groups of 16 rows, kernels/cpu/pack.c) into a new buffer that w->packed
+ * points at. Matmuls of fewer tokens than the ISA's batch kernel takes then read the packed copy,
+ * with results bit-identical to the unpacked ones. Returns 1 when packed, 0 when the type or CPU
+ * has no packed layout (w unchanged), or -ENOMEM / -EINVAL. Free with kern_matrix_unpack.
+ */
+int kern_matrix_repack(struct kern_matrix *w);
+
+/* Frees w->packed (if any) and sets it to NULL. */
+void kern_matrix_unpack(struct kern_matrix *w);
 
 /* Checks that the matrix can be used by kern_matmul: supported type, n_in a multiple of the block
  * size. Returns 0 or -EINVAL / -ENOTSUP. */

@@ -93,8 +93,9 @@ typedef void (*kern_cpu_canon_fn)(const void *row, int64_t n, uint8_t *qc, float
 struct kern_cpu_type_ops {
     void (*dequant)(const void *src, float *dst, int64_t n);
     kern_cpu_canon_fn canon;
-    kern_cpu_rows_fn rows;       /* small batches (n_tok < batch_min) or every batch */
-    kern_cpu_rows_fn rows_batch; /* large batches; NULL: rows */
+    kern_cpu_rows_fn rows;        /* small batches (n_tok < batch_min) or every batch */
+    kern_cpu_rows_fn rows_batch;  /* large batches; NULL: rows */
+    kern_cpu_rows_fn rows_packed; /* small batches from w->packed (kern_matrix_repack); or NULL */
     /* Optional re-layout of quantized activations for rows: bytes per token (64-aligned) and the
      * conversion of tokens [t0, t1) into act->prep. Set together with rows. */
     size_t (*prep_bytes)(int64_t n_in);
@@ -126,6 +127,23 @@ const struct kern_cpu_type_ops *kern_cpu_type_ops(enum kern_dtype type);
 const struct kern_cpu_type_ops *kern_cpu_type_ops_isa(enum kern_isa isa, enum kern_dtype type);
 
 const struct kern_cpu_isa_ops *kern_cpu_isa_ops(enum kern_isa isa);
+
+/* ---- Packed decode layout (pack.c, read by the AVX-512 rows_packed kernels) ----
+ *
+ * Rows in groups of KERN_PACK_ROWS = 16 (the last group padded with zero rows), group g at
+ * g * kern_cpu_pack_group_bytes(), one sequential stream: its nb = n_in / 32 blocks one after the
+ * other, kern_cpu_pack_block_bytes() apart. A block holds the quant vectors: Q4_0/Q4_1 four of 64
+ * bytes, dword l of vector i = nibble bytes 4i..4i+3 of row l's block (low nibble element 4i + e,
+ * high nibble element 16 + 4i + e); Q8_0 eight, dword l of vector k = quants 4k..4k+3 of row l's
+ * block xor 0x80 (the canonical qc). Then 32 bytes of fp16 scales d (row l at 2l), then for Q4_1
+ * 32 bytes of fp16 mins m. */
+#define KERN_PACK_ROWS 16
+
+/* Bytes of one packed block of 16 rows, or 0 when the type has no packed layout. */
+size_t kern_cpu_pack_block_bytes(enum kern_dtype type);
+
+/* Bytes of one packed group of 16 rows, or 0 when the type has no packed layout. */
+size_t kern_cpu_pack_group_bytes(enum kern_dtype type, int64_t n_in);
 
 /* ---- Pool scratch (pool.c) ---- */
 

@@ -1069,6 +1069,142 @@ rows_tiled(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
     }
 }
 
+/* ---- Decode kernels on packed rows (kern_matrix_repack; layout in cpu_int.h) ---- */
+
+#ifndef PF_PACKED
+#define PF_PACKED 4096 /* software prefetch distance in the packed stream, bytes */
+#endif
+
+/*
+ * One group of 16 packed rows x T tokens (T <= 2), rows on lanes: per unit (block) u the integer
+ * sums of 16 rows come from 8 vpdpbusd on the packed vectors with the token's 4-byte activation
+ * groups broadcast (two chains, added exactly), then P_{u mod 16} = fma(isum, dw * da, P), and
+ * fma(mw, s, P) for Q4_1: the batch kernel's order, so the results are the same bits. The tree of
+ * the 16 unit-class partials gives the 16 outputs in one vector (rm: rows that exist).
+ */
+AI void
+packed_group(int kt, const uint8_t *g, int64_t nb, const struct kern_cpu_act *a, int t0, int T,
+             float *y, int64_t n_out, __mmask16 rm)
+{
+    const int q8 = kt == KT_Q8_0, has_min = kt == KT_Q4_1, has_off = !has_min;
+    const int64_t qb = q8 ? 512 : 256, bstride = qb + (has_min ? 64 : 32);
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    const int8_t *q[2];
+    const float *da[2], *sa[2];
+    const int32_t *corr[2];
+    __m512 P[2][16];
+#pragma GCC unroll 2
+    for (int t = 0; t < T; t++) {
+        q[t] = a->q + (int64_t)(t0 + t) * a->n_in;
+        da[t] = a->d + (int64_t)(t0 + t) * nb;
+        sa[t] = a->s + (int64_t)(t0 + t) * nb;
+        corr[t] = a->corr + (int64_t)(t0 + t) * nb;
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++)
+            P[t][j] = _mm512_setzero_ps();
+    }
+    for (int64_t u0 = 0; u0 < nb; u0 += 16) {
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) {
+            const int64_t u = u0 + j;
+            if (u >= nb)
+                break;
+            const uint8_t *wq = g + u * bstride;
+#pragma GCC unroll 8
+            for (int64_t l = 0; l < bstride; l += 64)
+                _mm_prefetch((const char *)(wq + PF_PACKED + l), _MM_HINT_T0);
+            __m512i acc0[2], acc1[2];
+#pragma GCC unroll 2
+            for (int t = 0; t < T; t++) {
+                acc0[t] = has_off ? _mm512_set1_epi32(corr[t][u]) : _mm512_setzero_si512();
+                acc1[t] = _mm512_setzero_si512();
+            }
+            if (q8) {
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k += 2) {
+                    __m512i w0 = _mm512_loadu_si512((const void *)(wq + 64 * k));
+                    __m512i w1 = _mm512_loadu_si512((const void *)(wq + 64 * k + 64));
+#pragma GCC unroll 2
+                    for (int t = 0; t < T; t++) {
+                        acc0[t] = _mm512_dpbusd_epi32(acc0[t], w0, bcast4(q[t] + 32 * u, k));
+                        acc1[t] = _mm512_dpbusd_epi32(acc1[t], w1, bcast4(q[t] + 32 * u, k + 1));
+                    }
+                }
+            } else {
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    __m512i z = _mm512_loadu_si512((const void *)(wq + 64 * i));
+                    __m512i lo = _mm512_and_si512(z, m0f);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m0f);
+#pragma GCC unroll 2
+                    for (int t = 0; t < T; t++) {
+                        acc0[t] = _mm512_dpbusd_epi32(acc0[t], lo, bcast4(q[t] + 32 * u, i));
+                        acc1[t] = _mm512_dpbusd_epi32(acc1[t], hi, bcast4(q[t] + 32 * u, 4 + i));
+                    }
+                }
+            }
+            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wq + qb)));
+            __m512 mw = has_min
+                            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wq + qb + 32)))
+                            : _mm512_setzero_ps();
+#pragma GCC unroll 2
+            for (int t = 0; t < T; t++) {
+                __m512 is = _mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], acc1[t]));
+                P[t][j] = _mm512_fmadd_ps(is, _mm512_mul_ps(dw, _mm512_set1_ps(da[t][u])), P[t][j]);
+                if (has_min)
+                    P[t][j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[t][u]), P[t][j]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < T; t++) {
+        __m512 h[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            h[j] = _mm512_add_ps(P[t][j], P[t][j + 8]);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++)
+            h[j] = _mm512_add_ps(h[j], h[j + 4]);
+        h[0] = _mm512_add_ps(h[0], h[2]);
+        h[1] = _mm512_add_ps(h[1], h[3]);
+        h[0] = _mm512_add_ps(h[0], h[1]);
+        _mm512_mask_storeu_ps(y + (int64_t)t * n_out, rm, h[0]);
+    }
+}
+
+/* Rows [r0, r1) (r0 a multiple of 16) from w->packed, tokens by two. */
+AI void
+rows_packed_generic(int kt, const struct kern_cpu_mm *mm, int64_t r0, int64_t r1)
+{
+    const struct kern_matrix *w = mm->w;
+    const int64_t nb = w->n_in / 32;
+    const size_t gbytes = kern_cpu_pack_group_bytes(w->type, w->n_in);
+    for (int64_t r = r0; r < r1; r += KERN_PACK_ROWS) {
+        const uint8_t *g = (const uint8_t *)w->packed + (size_t)(r / KERN_PACK_ROWS) * gbytes;
+        int nr = (int)(r1 - r < KERN_PACK_ROWS ? r1 - r : KERN_PACK_ROWS);
+        __mmask16 rm = (__mmask16)((1u << nr) - 1);
+        int t0 = 0;
+        for (; t0 + 2 <= mm->n_tok; t0 += 2)
+            packed_group(kt, g, nb, mm->act, t0, 2, mm->y + (int64_t)t0 * w->n_out + r, w->n_out,
+                         rm);
+        if (t0 < mm->n_tok)
+            packed_group(kt, g, nb, mm->act, t0, 1, mm->y + (int64_t)t0 * w->n_out + r, w->n_out,
+                         rm);
+    }
+}
+
+#define DEFINE_PACKED(name, kt)                                                                    \
+    static void rows_packed_##name(const struct kern_cpu_mm *mm, int64_t r0, int64_t r1,           \
+                                   void *scratch)                                                  \
+    {                                                                                              \
+        (void)scratch;                                                                             \
+        rows_packed_generic(kt, mm, r0, r1);                                                       \
+    }
+
+DEFINE_PACKED(q4_0, KT_Q4_0)
+DEFINE_PACKED(q4_1, KT_Q4_1)
+DEFINE_PACKED(q8_0, KT_Q8_0)
+
 /* ---- Float weights ---- */
 
 static void
@@ -1309,7 +1445,8 @@ DEFINE_ROWS(q6_k, KT_Q6_K)
 #define FAST_ENTRY(name, grp)                                                                      \
     {                                                                                              \
         .dequant = dequant_##name, .canon = canon_##name, .rows = rows_##name,                     \
-        .rows_batch = rows_batch_##name, .prep_bytes = prep_bytes_##grp, .prep = prep_##grp        \
+        .rows_batch = rows_batch_##name, .prep_bytes = prep_bytes_##grp, .prep = prep_##grp,       \
+        .rows_packed = rows_packed_##name                                                          \
     }
 
 static const struct kern_cpu_type_ops avx512_types[KERN_DTYPE_COUNT] = {
@@ -1320,7 +1457,11 @@ static const struct kern_cpu_type_ops avx512_types[KERN_DTYPE_COUNT] = {
     [KERN_DTYPE_Q4_1] = FAST_ENTRY(q4_1, q4),
     [KERN_DTYPE_Q5_0] = QUANT_ENTRY(q5_0),
     [KERN_DTYPE_Q5_1] = QUANT_ENTRY(q5_1),
-    [KERN_DTYPE_Q8_0] = QUANT_ENTRY(q8_0),
+    [KERN_DTYPE_Q8_0] = {.dequant = dequant_q8_0,
+                         .canon = canon_q8_0,
+                         .rows = rows_q8_0,
+                         .rows_batch = rows_batch_q8_0,
+                         .rows_packed = rows_packed_q8_0},
     [KERN_DTYPE_Q4_K] = QUANT_ENTRY(q4_k),
     [KERN_DTYPE_Q5_K] = QUANT_ENTRY(q5_k),
     [KERN_DTYPE_Q6_K] = QUANT_ENTRY(q6_k),

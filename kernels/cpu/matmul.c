@@ -188,14 +188,16 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
     struct kern_cpu_act act = {.n_tok = n_tok, .n_in = w->n_in, .x = x};
     size_t act_bytes = 0;
     int batched = n_tok >= iops->batch_min;
+    /* Decode from the packed rows when the matrix has them and this ISA reads them. */
+    bool packed = !batched && w->packed && tops->rows_packed;
     bool want_dcorr = false;
     if (tops->unit) {
         act.unit = tops->unit;
         act.n_units = w->n_in / tops->unit;
         act.off = tops->off;
-        if (!batched && tops->prep)
+        if (!batched && !packed && tops->prep)
             act.prep_stride = ALIGN64(tops->prep_bytes(w->n_in));
-        want_dcorr = !batched && tops->dcorr && tops->off;
+        want_dcorr = !batched && !packed && tops->dcorr && tops->off;
         act_bytes = act_layout(&act, want_dcorr, NULL);
     }
     size_t thread_bytes = ALIGN64(kern_cpu_mm_scratch_bytes(w->n_in));
@@ -218,7 +220,9 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
 
     struct rows_task rt = {
         .mm = {.w = w, .act = &act, .y = y, .n_tok = n_tok},
-        .fn = batched ? tops->rows_batch : tops->rows,
+        .fn = batched  ? tops->rows_batch
+              : packed ? tops->rows_packed
+                       : tops->rows,
         .chunk = chunk_rows(w->n_out, nth, iops->row_align),
         .scratch = buf + act_bytes,
         .thread_bytes = thread_bytes,

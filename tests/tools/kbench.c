@@ -11,8 +11,11 @@
  * gate, up, down with their own weights, then the 49152 x 576 Q8_0 head) for n_tok 1 and 512 and
  * prints the matmul-only time per pass and the tokens per second it allows.
  *
- * usage: kbench [-t threads] [-T seconds] [--hot] [--types q4_1,q8_0] [--ntok 1,512] [--isa avx512]
- *        kbench --model [-t threads] [--isa avx512]
+ * --pack repacks every matrix first (kern_matrix_repack, the engine's load-time layout for decode).
+ *
+ * usage: kbench [-t threads] [-T seconds] [--hot] [--pack] [--types q4_1,q8_0] [--ntok 1,512]
+ *               [--isa avx512]
+ *        kbench --model [--pack] [-t threads] [--isa avx512]
  */
 #include <errno.h>
 #include <stdio.h>
@@ -37,6 +40,17 @@ type_by_name(const char *s)
             return (enum kern_dtype)t;
     }
     return KERN_DTYPE_COUNT;
+}
+
+static int pack; /* --pack */
+
+static void
+maybe_pack(struct kern_matrix *m)
+{
+    if (pack && kern_matrix_repack(m) < 0) {
+        fprintf(stderr, "kbench: kern_matrix_repack failed\n");
+        exit(1);
+    }
 }
 
 static uint64_t rng_state = 88172645463325252ull;
@@ -115,8 +129,9 @@ model_mats(struct model_mat *mats, int *n_mats)
                 kern_quantize_row(t, row, data + o * (int64_t)rb, n_in);
             }
             mats[n].data = data;
-            mats[n++].m = (struct kern_matrix){
+            mats[n].m = (struct kern_matrix){
                 .type = t, .n_in = n_in, .n_out = n_out, .row_bytes = rb, .data = data};
+            maybe_pack(&mats[n++].m);
         }
     }
     free(row);
@@ -168,8 +183,10 @@ run_model(struct kern_pool *pool, int only_isa)
         free(x);
         free(y);
     }
-    for (int i = 0; i < n_mats; i++)
+    for (int i = 0; i < n_mats; i++) {
+        kern_matrix_unpack(&mats[i].m);
         free(mats[i].data);
+    }
     return 0;
 }
 
@@ -193,6 +210,8 @@ main(int argc, char **argv)
                     only_isa = k;
         } else if (!strcmp(argv[i], "--model")) {
             model = 1;
+        } else if (!strcmp(argv[i], "--pack")) {
+            pack = 1;
         } else if (!strcmp(argv[i], "--hot")) {
             hot = 1;
         } else if (!strcmp(argv[i], "--types") && i + 1 < argc) {
@@ -203,8 +222,8 @@ main(int argc, char **argv)
             for (int k = 0; k < n_ntok; k++)
                 ntoks[k] = atoi(l[k]);
         } else {
-            fprintf(stderr, "usage: kbench [-t threads] [-T seconds] [--hot] [--types q4_1,q8_0] "
-                            "[--ntok 1,512] [--isa scalar|avx2|avx512]\n");
+            fprintf(stderr, "usage: kbench [-t threads] [-T seconds] [--hot] [--pack] "
+                            "[--types q4_1,q8_0] [--ntok 1,512] [--isa scalar|avx2|avx512]\n");
             return 2;
         }
     }
@@ -252,6 +271,7 @@ main(int argc, char **argv)
                                             .n_out = sh.n_out,
                                             .row_bytes = rb,
                                             .data = data + bytes * (size_t)c};
+                maybe_pack(&m[c]);
             }
             for (int k = 0; k < n_ntok; k++) {
                 int n_tok = ntoks[k];
@@ -280,6 +300,8 @@ main(int argc, char **argv)
                 free(x);
                 free(y);
             }
+            for (int c = 0; c < n_copies; c++)
+                kern_matrix_unpack(&m[c]);
             free(m);
             free(data);
             free(row);

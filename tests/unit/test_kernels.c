@@ -517,12 +517,16 @@ test_kernels_matmul_simd_vs_scalar(void **state)
 
 static void
 check_batch_invariant(enum kern_isa isa, struct kern_pool *const pools[3], enum kern_dtype t,
-                      uint64_t seed)
+                      uint64_t seed, bool pack)
 {
     const int64_t n_in = block_of(t) == 256 ? 768 : 608, n_out = 300;
     struct rng r = {seed};
     struct wmat w;
     wmat_init(&w, &r, t, n_in, n_out);
+    if (pack && kern_matrix_repack(&w.m) != 1) {
+        free(w.data);
+        return; /* no packed layout for this type on this CPU */
+    }
     float *x = malloc(sizeof(float) * (size_t)(n_in * INV_POOL));
     float *alone = malloc(sizeof(float) * (size_t)(n_out * INV_POOL));
     float *y = malloc(sizeof(float) * (size_t)(n_out * INV_POOL));
@@ -552,6 +556,7 @@ check_batch_invariant(enum kern_isa isa, struct kern_pool *const pools[3], enum 
         }
     }
     restore_isa();
+    kern_matrix_unpack(&w.m);
     free(x);
     free(alone);
     free(y);
@@ -565,10 +570,57 @@ test_kernels_matmul_batch_invariant(void **state)
     struct kern_pool *pools[3] = {NULL, NULL, NULL};
     for (int p = 0; p < 3; p++)
         assert_int_equal(kern_pool_new(p + 1, &pools[p]), 0);
-    for (size_t ti = 0; ti < N_TYPES; ti++)
-        check_batch_invariant(isa, pools, all_types[ti], 900 + ti);
+    for (size_t ti = 0; ti < N_TYPES; ti++) {
+        check_batch_invariant(isa, pools, all_types[ti], 900 + ti, false);
+        /* with packed rows the small batches take the packed kernels, the rest the batch kernel */
+        check_batch_invariant(isa, pools, all_types[ti], 900 + ti, true);
+    }
     for (int p = 0; p < 3; p++)
         kern_pool_free(pools[p]);
+}
+
+/* kern_matrix_repack changes no bit of any result (every ISA; only AVX-512 reads the packed rows)
+ * and packs nothing it has no layout for; kern_matrix_unpack clears it. */
+static void
+test_kernels_matmul_packed_identical(void **state)
+{
+    enum kern_isa isa = state_isa(state);
+    struct kern_pool *pool = NULL;
+    assert_int_equal(kern_pool_new(2, &pool), 0);
+    for (size_t ti = 0; ti < N_TYPES; ti++) {
+        enum kern_dtype t = all_types[ti];
+        const int64_t n_in = block_of(t) == 256 ? 512 : 1056, n_out = 45, n_x = 4;
+        struct rng r = {700 + ti};
+        struct wmat w;
+        wmat_init(&w, &r, t, n_in, n_out);
+        float *x = malloc(sizeof(float) * (size_t)(n_in * n_x));
+        float *y0 = malloc(sizeof(float) * (size_t)(n_out * n_x));
+        float *y1 = malloc(sizeof(float) * (size_t)(n_out * n_x));
+        assert_true(x && y0 && y1);
+        fill_normal(&r, x, n_in * n_x, 1.0f);
+        bool packable = t == KERN_DTYPE_Q4_0 || t == KERN_DTYPE_Q4_1 || t == KERN_DTYPE_Q8_0;
+        int rc = kern_matrix_repack(&w.m);
+        assert_int_equal(rc, packable && kern_cpu_best_isa() == KERN_ISA_AVX512 ? 1 : 0);
+        assert_true((w.m.packed != NULL) == (rc == 1));
+        for (int n_tok = 1; n_tok <= n_x; n_tok++) {
+            struct kern_matrix plain = w.m;
+            plain.packed = NULL;
+            assert_int_equal(kern_cpu_set_isa(isa), 0);
+            assert_int_equal(kern_matmul(pool, &plain, x, n_tok, y0), 0);
+            assert_int_equal(kern_matmul(pool, &w.m, x, n_tok, y1), 0);
+            restore_isa();
+            if (memcmp(y0, y1, sizeof(float) * (size_t)(n_out * n_tok)))
+                fail_msg("%s %s n_tok=%d: packed result differs", kern_isa_name(isa),
+                         kern_dtype_traits(t)->name, n_tok);
+        }
+        kern_matrix_unpack(&w.m);
+        assert_null(w.m.packed);
+        free(x);
+        free(y0);
+        free(y1);
+        free(w.data);
+    }
+    kern_pool_free(pool);
 }
 
 /* Places n bytes so that they end where an inaccessible page begins; *base is the mapping. */
@@ -835,6 +887,12 @@ main(void)
         {"test_kernels_matmul_batch_invariant/avx2", test_kernels_matmul_batch_invariant, NULL,
          NULL, (void *)&isa_avx2},
         {"test_kernels_matmul_batch_invariant/avx512", test_kernels_matmul_batch_invariant, NULL,
+         NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_packed_identical/scalar", test_kernels_matmul_packed_identical, NULL,
+         NULL, (void *)&isa_scalar},
+        {"test_kernels_matmul_packed_identical/avx2", test_kernels_matmul_packed_identical, NULL,
+         NULL, (void *)&isa_avx2},
+        {"test_kernels_matmul_packed_identical/avx512", test_kernels_matmul_packed_identical, NULL,
          NULL, (void *)&isa_avx512},
         {"test_kernels_matmul_reads_within_bounds/scalar", test_kernels_matmul_reads_within_bounds,
          NULL, NULL, (void *)&isa_scalar},

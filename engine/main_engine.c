@@ -17,6 +17,16 @@
  * not the sequence was still live, since the worker's trip happened either way) plus the trips the
  * scheduler detected itself (token_loop, enabled per request by SUBMIT's "token_loop"; logged
  * there with one WARN line per trip). The worker logs its own trips; the engine does not.
+ *
+ * Spill (issue 6): with --spill-dir (default $TMPDIR or /tmp, then llm-engine-spill-UID; "none"
+ * disables) a preempted sequence's KV cache goes to a file there instead of being recomputed
+ * (engine/sched.h, spill/spill.h), within --spill-max-mb. The directory is created if missing;
+ * stale files of dead engines are removed at start-up. If the default directory cannot be used
+ * the engine logs a warning and preempts by recompute; an explicit --spill-dir that cannot be
+ * used is a start-up error. The CUDA backend keeps its KV on the device: no spill there.
+ * The model fingerprint in each file hashes the GGUF's metadata and tensor table.
+ * Tests only: LLM_ENGINE_SPILL_FAULT="OP:N:ERRNO[:sticky|:short]" (spill_fault_parse) makes the
+ * Nth spill I/O call of kind OP fail, e.g. "write:3:ENOSPC"; a bad value is a start-up error.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -47,6 +57,7 @@
 #include "engine/tokenizer.h"
 #include "guards/guard.h"
 #include "kernels/kern.h"
+#include "spill/spill.h"
 
 /* ---- Options ---- */
 
@@ -63,7 +74,9 @@ struct opts {
     int grace_s;
     int max_frame_bytes;
     enum cm_log_level log_level;
-    bool cuda; /* --backend cuda */
+    bool cuda;             /* --backend cuda */
+    const char *spill_dir; /* NULL: the default; "none": off */
+    int spill_max_mb;
     struct eng_sched_config sched;
 };
 
@@ -100,6 +113,12 @@ usage(FILE *f)
         "      --max-frame-bytes N   largest frame payload accepted (default 1048576)\n"
         "      --grace-seconds G     on SIGTERM, time running sequences get to finish "
         "(default 10)\n"
+        "      --spill-dir DIR       where preempted sequences' KV caches are written when the\n"
+        "                            cache is full, instead of recomputing them later (default\n"
+        "                            $TMPDIR or /tmp, then llm-engine-spill-UID; 'none': always\n"
+        "                            recompute). Files of dead engines there are removed at start\n"
+        "      --spill-max-mb M      bytes of spill files at once; beyond it recompute (default\n"
+        "                            4096)\n"
         "      --log-level L         debug, info, warn or error (default info)\n"
         "  -h, --help                this text\n");
 }
@@ -117,6 +136,8 @@ enum {
     OPT_GRACE,
     OPT_LOG,
     OPT_BACKEND,
+    OPT_SPILL_DIR,
+    OPT_SPILL_MB,
 };
 
 static int
@@ -146,6 +167,8 @@ parse_args(int argc, char **argv, struct opts *o)
         {"grace-seconds", required_argument, 0, OPT_GRACE},
         {"log-level", required_argument, 0, OPT_LOG},
         {"backend", required_argument, 0, OPT_BACKEND},
+        {"spill-dir", required_argument, 0, OPT_SPILL_DIR},
+        {"spill-max-mb", required_argument, 0, OPT_SPILL_MB},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -158,6 +181,7 @@ parse_args(int argc, char **argv, struct opts *o)
     o->grace_s = 10;
     o->max_frame_bytes = (int)CM_WIRE_DEFAULT_MAX_PAYLOAD;
     o->log_level = CM_LOG_INFO;
+    o->spill_max_mb = 4096;
     eng_sched_config_default(&o->sched);
     int c;
     while ((c = getopt_long(argc, argv, "m:s:t:c:h", longopts, NULL)) != -1) {
@@ -219,6 +243,12 @@ parse_args(int argc, char **argv, struct opts *o)
             }
             o->cuda = strcmp(optarg, "cuda") == 0;
             break;
+        case OPT_SPILL_DIR:
+            o->spill_dir = optarg;
+            break;
+        case OPT_SPILL_MB:
+            rc = parse_int(optarg, "--spill-max-mb", 1, 1 << 30, &o->spill_max_mb);
+            break;
         case 'h':
             usage(stdout);
             return 1;
@@ -276,6 +306,9 @@ struct engine {
     struct eng_cuda_fwd *cfwd; /* --backend cuda: used instead of fwd */
     struct eng_kv_pool *kv;
     struct eng_sched *sched;
+    struct spill_store *spill;
+    struct spill_fault spill_fault; /* LLM_ENGINE_SPILL_FAULT */
+    char spill_dir[4096];
     struct cm_wire_model_info info;
     char *default_system;
     int n_ctx;
@@ -562,6 +595,15 @@ stats_json(const struct engine *e)
     I32("kv_blocks_total", s.kv_blocks_total);
     I32("connections", e->n_conns);
     U64("uptime_s", (cm_now_ns() - e->started_ns) / 1000000000ull);
+    U64("spills", s.spills);
+    U64("spill_bytes", s.spill_bytes);
+    U64("restores", s.restores);
+    U64("spill_failures", s.spill_failures);
+    U64("restore_failures", s.restore_failures);
+    U64("recompute_fallbacks", s.recompute_fallbacks);
+    U64("spill_deleted", s.spill_deleted);
+    I32("spill_on_disk", s.on_disk);
+    U64("spill_disk_bytes", s.disk_bytes);
 #undef U64
 #undef I32
     struct json_object *fin = json_object_new_object();
@@ -580,6 +622,8 @@ stats_json(const struct engine *e)
         json_object_object_add(trips, guard_name((enum guard_id)g),
                                json_object_new_uint64(e->guard_cancels[g] + s.guard_trips[g]));
     json_object_object_add(o, "guard_trips", trips);
+    json_object_object_add(o, "spill_ms", hist_json(&s.spill_ms));
+    json_object_object_add(o, "restore_ms", hist_json(&s.restore_ms));
     json_object_object_add(o, "ttft_ms", hist_json(&s.ttft));
     json_object_object_add(o, "itl_ms", hist_json(&s.itl));
     return o;
@@ -913,6 +957,86 @@ fill_special(const struct engine *e, int32_t id, struct cm_wire_special *out)
     out->text[len] = 0;
 }
 
+/* The model fingerprint of spill files: the GGUF's metadata (keys, types, scalar and string
+ * values, array types and lengths) and tensor table (names, shapes, types, offsets, sizes). */
+static uint64_t
+model_fingerprint(const struct eng_gguf *g)
+{
+    uint64_t h = spill_hash64(0, &g->version, sizeof(g->version));
+    for (uint64_t i = 0; i < g->n_kv; i++) {
+        const struct eng_gguf_kv *kv = &g->kv[i];
+        h = spill_hash64(h, kv->key.data, (size_t)kv->key.len);
+        h = spill_hash64(h, &kv->type, sizeof(kv->type));
+        if (kv->type == ENG_GGUF_STRING)
+            h = spill_hash64(h, kv->v.str.data, (size_t)kv->v.str.len);
+        else if (kv->type == ENG_GGUF_ARRAY)
+            h = spill_hash64(h, &kv->v.arr.n, sizeof(kv->v.arr.n));
+        else
+            h = spill_hash64(h, &kv->v.u64, sizeof(kv->v.u64));
+    }
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        const struct eng_gguf_tensor *t = &g->tensors[i];
+        h = spill_hash64(h, t->name.data, (size_t)t->name.len);
+        h = spill_hash64(h, t->ne, sizeof(t->ne));
+        h = spill_hash64(h, &t->type, sizeof(t->type));
+        h = spill_hash64(h, &t->offset, sizeof(t->offset));
+        h = spill_hash64(h, &t->n_bytes, sizeof(t->n_bytes));
+    }
+    return h;
+}
+
+/* Opens the spill store and hands it to the scheduler (see the top of this file). Returns 0
+ * (spill on, or off by choice or after a warning), or -1 after a message. */
+static int
+spill_setup(struct engine *e)
+{
+    const struct opts *o = &e->o;
+    const struct spill_io_ops *ops = spill_io_posix();
+    const char *fault = getenv("LLM_ENGINE_SPILL_FAULT");
+    if (o->spill_dir && strcmp(o->spill_dir, "none") == 0)
+        return 0;
+    if (o->cuda) {
+        CM_LOG(CM_LOG_INFO, "spill off: the cuda backend keeps its KV cache on the device");
+        return 0;
+    }
+    if (o->spill_dir) {
+        snprintf(e->spill_dir, sizeof(e->spill_dir), "%s", o->spill_dir);
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(e->spill_dir, sizeof(e->spill_dir), "%s/llm-engine-spill-%ld",
+                 tmp && *tmp ? tmp : "/tmp", (long)getuid());
+    }
+    if (fault) {
+        if (spill_fault_parse(&e->spill_fault, ops, fault) < 0) {
+            fprintf(stderr, "llm-engine: bad LLM_ENGINE_SPILL_FAULT '%s'\n", fault);
+            return -1;
+        }
+        ops = &e->spill_fault.ops;
+        CM_LOG(CM_LOG_WARN, "spill fault injection on spec=%s", fault);
+    }
+    const struct eng_hparams *hp = &e->model->hp;
+    int rc = spill_store_open(e->spill_dir, (uint64_t)o->spill_max_mb << 20,
+                              model_fingerprint(e->gguf), ops, &e->spill);
+    if (rc < 0) {
+        if (o->spill_dir) {
+            fprintf(stderr, "llm-engine: --spill-dir %s: %s\n", e->spill_dir, strerror(-rc));
+            return -1;
+        }
+        CM_LOG(CM_LOG_WARN, "spill off: cannot use dir=%s rc=%d (preempting by recompute)",
+               e->spill_dir, rc);
+        return 0;
+    }
+    struct eng_sched_spill sp = {
+        .store = e->spill, .n_layer = hp->n_layer, .kv_dim = hp->n_head_kv * hp->head_dim};
+    if ((rc = eng_sched_set_spill(e->sched, &sp)) < 0) {
+        fprintf(stderr, "llm-engine: cannot enable spill: %s\n", strerror(-rc));
+        return -1;
+    }
+    CM_LOG(CM_LOG_INFO, "spill on dir=%s max_mb=%d stale_removed=%d", e->spill_dir, o->spill_max_mb,
+           spill_store_n_stale(e->spill));
+    return 0;
+}
+
 static int
 load(struct engine *e)
 {
@@ -950,6 +1074,8 @@ load(struct engine *e)
         fprintf(stderr, "llm-engine: invalid scheduler settings: %s\n", strerror(-rc));
         return -1;
     }
+    if (spill_setup(e) < 0)
+        return -1;
 
     cm_wire_model_info_init(&e->info);
     snprintf(e->info.model, sizeof(e->info.model), "%s",
@@ -988,6 +1114,7 @@ unload(struct engine *e)
     while (e->conns)
         conn_free(e, e->conns, "exit");
     eng_sched_free(e->sched);
+    spill_store_close(e->spill);
     eng_kv_pool_free(e->kv);
     eng_fwd_free(e->fwd);
     eng_cuda_fwd_free(e->cfwd);

@@ -260,7 +260,8 @@ handle_models(struct fcgi_ctx *ctx, struct fcgi_http *h, const char *want)
 /* ---- /metrics ---- */
 
 static const char *const engine_gauges[] = {
-    "running", "queued", "paused", "kv_blocks_used", "kv_blocks_total", "connections", "uptime_s",
+    "running",     "queued",   "paused",        "kv_blocks_used",   "kv_blocks_total",
+    "connections", "uptime_s", "spill_on_disk", "spill_disk_bytes",
 };
 
 static bool

@@ -100,7 +100,7 @@ guard_config_int(const struct guard_config *c, enum guard_id id)
     return guard_config_active(c, id) ? (int)c->value[id] : 0;
 }
 
-static void
+static void __attribute__((format(printf, 3, 4)))
 set_err(char *err, size_t err_len, const char *fmt, ...)
 {
     if (!err || err_len == 0)

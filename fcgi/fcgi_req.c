@@ -15,6 +15,7 @@
 
 #include "fcgi/fcgi.h"
 #include "guards/guard_stop.h"
+#include "guards/guard_utf8.h"
 
 /* ---- Errors ---- */
 
@@ -149,6 +150,13 @@ parse_body(const char *body, size_t len, struct json_object **out, struct fcgi_r
     json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
     if (len > INT32_MAX) {
         rc = bad(e, NULL, "the request body is too large");
+        goto out;
+    }
+    /* json-c's UTF-8 check lets overlong forms (C0 80, C1 A9) and other ill-formed sequences
+     * through; the engine's SUBMIT validator would then refuse the prompt. A raw NUL is not JSON
+     * either. */
+    if (len > 0 && body && !guard_utf8_valid(body, len)) {
+        rc = bad(e, NULL, "the request body is not valid UTF-8 JSON text");
         goto out;
     }
     root = json_tokener_parse_ex(tok, body ? body : "", (int)len);

@@ -167,14 +167,14 @@ guard_stop_feed(struct guard_stop *s, const char *text, size_t n, const char **e
 int
 guard_stop_flush(struct guard_stop *s, const char **emit, size_t *emit_len)
 {
-    const char *p = s->buf + s->off;
     size_t n = s->len - s->off;
     int idx;
 
     *emit = NULL;
     *emit_len = 0;
     if (s->match_idx >= 0 || n == 0)
-        return 0;
+        return 0; /* s->buf may still be NULL: no pointer arithmetic on it before this */
+    const char *p = s->buf + s->off;
     *emit = p;
     *emit_len = decide(s, p, n, true, &idx);
     s->off = s->len;

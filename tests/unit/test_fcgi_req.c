@@ -435,6 +435,35 @@ test_fcgi_req_invalid_fields_name_param(void **state)
     }
 }
 
+/* Found by fuzz_req: json-c's UTF-8 check passed overlong and other ill-formed sequences, so a
+ * validated request carried a prompt the engine's SUBMIT validator refuses. */
+static void
+test_fcgi_req_rejects_ill_formed_utf8(void **state)
+{
+    static const char *const bodies[] = {
+        "{\"prompt\": \"a\xc1\xa9\"}",        /* overlong (C1) */
+        "{\"prompt\": \"\xc0\x80\"}",         /* overlong NUL */
+        "{\"prompt\": \"\xed\xa0\x80\"}",     /* a surrogate */
+        "{\"prompt\": \"\xf4\x90\x80\x80\"}", /* above U+10FFFF */
+        "{\"prompt\": \"\xe2\x82\"}",         /* truncated */
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+        struct fcgi_req r;
+        struct fcgi_req_error e;
+        memset(&r, 0x5a, sizeof(r));
+        assert_int_equal(fcgi_req_parse(FCGI_REQ_COMPLETION, bodies[i], strlen(bodies[i]), &r, &e),
+                         -EINVAL);
+        assert_int_equal(e.status, 400);
+        assert_int_equal(((unsigned char *)&r)[0], 0x5a);
+    }
+    struct fcgi_req r;
+    struct fcgi_req_error e;
+    static const char ok[] = "{\"prompt\": \"Gr\xc3\xbc\xc3\x9f\xc3\x9f \xf0\x9f\x99\x82\"}";
+    assert_int_equal(fcgi_req_parse(FCGI_REQ_COMPLETION, ok, sizeof(ok) - 1, &r, &e), 0);
+    fcgi_req_fini(&r);
+}
+
 static void
 test_fcgi_req_deep_nesting_and_nul_byte(void **state)
 {
@@ -516,6 +545,7 @@ main(void)
         cmocka_unit_test(test_fcgi_req_nulls_are_absent),
         cmocka_unit_test(test_fcgi_req_top_k_minus_one_and_huge_max_tokens),
         cmocka_unit_test(test_fcgi_req_invalid_fields_name_param),
+        cmocka_unit_test(test_fcgi_req_rejects_ill_formed_utf8),
         cmocka_unit_test(test_fcgi_req_deep_nesting_and_nul_byte),
         cmocka_unit_test(test_fcgi_req_to_submit),
     };

@@ -243,6 +243,29 @@ test_guard_stop_no_stops_passes_through(void **state)
     guard_stop_free(NULL);
 }
 
+/* Found by fuzz_toolcall: a flush before any text was fed did pointer arithmetic on the NULL
+ * buffer (UBSan under make asan / make fuzz). */
+static void
+test_guard_stop_flush_before_any_text(void **state)
+{
+    const char *stops[] = {"</tool_call>", "x"};
+    struct guard_stop *s = NULL;
+    const char *emit = "unset";
+    size_t len = 99;
+    bool matched = true;
+    (void)state;
+
+    assert_int_equal(guard_stop_new(stops, 2, &s), 0);
+    assert_int_equal(guard_stop_flush(s, &emit, &len), 0);
+    assert_int_equal(len, 0);
+    assert_int_equal(guard_stop_feed(s, NULL, 0, &emit, &len, &matched), 0);
+    assert_false(matched);
+    assert_int_equal(guard_stop_flush(s, &emit, &len), 0);
+    assert_int_equal(len, 0);
+    assert_int_equal(guard_stop_matched_index(s), -1);
+    guard_stop_free(s);
+}
+
 static void
 test_guard_stop_rejects_bad_arguments(void **state)
 {
@@ -317,6 +340,7 @@ main(void)
         cmocka_unit_test(test_guard_stop_utf8_boundaries),
         cmocka_unit_test(test_guard_stop_nothing_after_a_match),
         cmocka_unit_test(test_guard_stop_no_stops_passes_through),
+        cmocka_unit_test(test_guard_stop_flush_before_any_text),
         cmocka_unit_test(test_guard_stop_rejects_bad_arguments),
         cmocka_unit_test(test_guard_stop_random_streams_match_reference),
     };

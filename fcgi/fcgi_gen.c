@@ -501,6 +501,25 @@ engine_lost(struct gen *g, const char *why)
     g->finished = true;
 }
 
+/* A DONE "cancelled" that this worker did not ask for and that names no guard (engine-side
+ * guards such as token_loop do): the engine cut the response short (shutdown past its grace
+ * period, a reader stuck too long). That is not a finished answer: the client gets an error
+ * (an error event in a stream, a 503 to retry otherwise), never a silently truncated success. */
+static void
+server_cut(struct gen *g)
+{
+    enum guard_id id;
+    if (g->done.finish != CM_WIRE_FINISH_CANCELLED || g->cancel_deadline_ns || g->cut.guard ||
+        g->cut.stop_string || g->cut.client_gone || guard_from_name(g->done.guard, &id) == 0)
+        return;
+    const char *why = g->done.guard[0] ? g->done.guard : "cancelled";
+    CM_LOG(CM_LOG_WARN, "engine cut the response short req=%llu reason=%s",
+           (unsigned long long)g->req_id, why);
+    set_error(g, 503, NULL, NULL, "the engine stopped this response early (%s); retry", why);
+    g->err_retry_s = 1;
+    g->cut.error = true;
+}
+
 static int
 on_token(struct gen *g, const struct cm_wire_token *t)
 {
@@ -563,6 +582,7 @@ on_frame(struct gen *g, const struct cm_wire_frame *f)
         g->usage.completion_tokens = g->done.completion_tokens;
         g->usage.cached_tokens = g->done.cached_tokens;
         g->finished = true;
+        server_cut(g);
         return 0;
     case CM_WIRE_ERROR: {
         struct cm_wire_error e;

@@ -850,6 +850,42 @@ test_fcgi_gen_engine_closes_mid_stream(void **state)
     run_free(&q);
 }
 
+/* The engine cancels on its own (shutdown past the grace period, a stuck reader): an error, not
+ * a finished answer; an engine-side guard (token_loop) is not such a cut. */
+static void
+test_fcgi_gen_engine_cut_is_an_error(void **state)
+{
+    (void)state;
+    struct run r = {0};
+    r.fk.toks[0] = "partial";
+    r.fk.n_toks = 1;
+    r.fk.finish = CM_WIRE_FINISH_CANCELLED;
+    r.fk.done_guard = "shutdown";
+    run(&r, FCGI_GEN_CHAT, CHAT_BODY(",\"stream\":true"));
+    assert_int_equal(r.status, 200);
+    assert_true(r.done_last);
+    int err_at = -1;
+    for (int i = 0; i < r.n_events; i++)
+        if (at(r.events[i], "error"))
+            err_at = i;
+    assert_true(err_at > 0);
+    assert_non_null(strstr(str_at(r.events[err_at], "error.message"), "shutdown"));
+    struct json_object *fin = final_chunk(&r);
+    assert_ptr_equal(fin, r.events[err_at + 1]);
+    assert_string_equal(str_at(fin, "choices[0].finish_reason"), "length");
+    run_free(&r);
+
+    struct run q = {0};
+    q.fk.toks[0] = "partial";
+    q.fk.n_toks = 1;
+    q.fk.finish = CM_WIRE_FINISH_CANCELLED;
+    q.fk.done_guard = "slow_reader";
+    run(&q, FCGI_GEN_CHAT, CHAT_BODY(""));
+    assert_int_equal(q.status, 503);
+    assert_null(strstr(q.body, "partial"));
+    run_free(&q);
+}
+
 static void
 test_fcgi_gen_engine_down_503(void **state)
 {
@@ -1409,6 +1445,7 @@ main(void)
         cmocka_unit_test(test_fcgi_gen_engine_eagain_429),
         cmocka_unit_test(test_fcgi_gen_engine_e2big_400),
         cmocka_unit_test(test_fcgi_gen_engine_closes_mid_stream),
+        cmocka_unit_test(test_fcgi_gen_engine_cut_is_an_error),
         cmocka_unit_test(test_fcgi_gen_engine_down_503),
         cmocka_unit_test(test_fcgi_gen_client_gone_cancels),
         cmocka_unit_test(test_fcgi_gen_bad_request_and_model),

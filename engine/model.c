@@ -718,17 +718,19 @@ eng_forward_batch(struct eng_fwd *f, struct eng_kv_pool *kv, const struct eng_ba
         const struct eng_layer *l = &m->layers[il];
         t.layer = il;
         run_rows(f, task_attn_norm, &t);
-        if ((rc = kern_matmul(f->pool, &l->wq, f->xb, n, f->q)) < 0 ||
-            (rc = kern_matmul(f->pool, &l->wk, f->xb, n, f->k)) < 0 ||
-            (rc = kern_matmul(f->pool, &l->wv, f->xb, n, f->v)) < 0)
+        /* q, k and v (and below gate and up) share their input: one quantization, one pool run */
+        const struct kern_matrix *qkv[3] = {&l->wq, &l->wk, &l->wv};
+        float *qkv_out[3] = {f->q, f->k, f->v};
+        if ((rc = kern_matmul_multi(f->pool, qkv, 3, f->xb, n, qkv_out)) < 0)
             return rc;
         run_rows(f, task_qkv_post, &t);
         kern_pool_run(f->pool, task_attention, &t);
         if ((rc = kern_matmul(f->pool, &l->wo, f->att, n, f->tmp)) < 0)
             return rc;
         run_rows(f, task_attn_residual, &t);
-        if ((rc = kern_matmul(f->pool, &l->w_gate, f->xb, n, f->hb)) < 0 ||
-            (rc = kern_matmul(f->pool, &l->w_up, f->xb, n, f->hb2)) < 0)
+        const struct kern_matrix *gate_up[2] = {&l->w_gate, &l->w_up};
+        float *gate_up_out[2] = {f->hb, f->hb2};
+        if ((rc = kern_matmul_multi(f->pool, gate_up, 2, f->xb, n, gate_up_out)) < 0)
             return rc;
         run_rows(f, task_swiglu, &t);
         if ((rc = kern_matmul(f->pool, &l->w_down, f->hb, n, f->tmp)) < 0)

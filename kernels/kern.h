@@ -115,6 +115,16 @@ int kern_matrix_check(const struct kern_matrix *w);
 int kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x, int n_tok,
                 float *y);
 
+/*
+ * n_w products of the same x: y[i] = w[i] x, each bit-identical to kern_matmul(pool, w[i], x,
+ * n_tok, y[i]). When the matrices share type and n_in (e.g. a layer's q, k and v) the activations
+ * are quantized once and the rows of all matrices are handed out in one pool run (one wake-up and
+ * one wait instead of n_w). Every w[i] must have n_in == the row length of x. Returns 0, -EINVAL
+ * or -ENOMEM (some y[i] may then be written).
+ */
+int kern_matmul_multi(struct kern_pool *pool, const struct kern_matrix *const *w, int n_w,
+                      const float *x, int n_tok, float *const *y);
+
 /* The same product computed with dequantized f32 weights and f32 activations in double precision
  * accumulators, single-threaded: the reference the tests compare against. */
 int kern_matmul_ref(const struct kern_matrix *w, const float *x, int n_tok, float *y);

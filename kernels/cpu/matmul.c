@@ -107,10 +107,16 @@ quant_task(void *ctx, int ith, int nth)
     }
 }
 
+#define MM_MAX 4 /* matrices per kern_matmul_multi pool run */
+
+/* The row chunks of up to MM_MAX matrices sharing one activation; chunk c of the run belongs to
+ * matrix i with first[i] <= c < first[i + 1]. */
 struct rows_task {
-    struct kern_cpu_mm mm;
-    kern_cpu_rows_fn fn;
-    int64_t chunk;
+    struct kern_cpu_mm mm[MM_MAX];
+    kern_cpu_rows_fn fn[MM_MAX];
+    int64_t chunk[MM_MAX];
+    int64_t first[MM_MAX + 1];
+    int n_mm;
     _Atomic int64_t next;
     uint8_t *scratch;
     size_t thread_bytes;
@@ -121,14 +127,18 @@ rows_task(void *ctx, int ith, int nth)
 {
     (void)nth;
     struct rows_task *rt = ctx;
-    int64_t n_out = rt->mm.w->n_out;
     void *scratch = rt->scratch + (size_t)ith * rt->thread_bytes;
+    int i = 0;
     for (;;) {
-        int64_t r0 = atomic_fetch_add_explicit(&rt->next, rt->chunk, memory_order_relaxed);
-        if (r0 >= n_out)
+        int64_t c = atomic_fetch_add_explicit(&rt->next, 1, memory_order_relaxed);
+        if (c >= rt->first[rt->n_mm])
             break;
-        int64_t r1 = r0 + rt->chunk < n_out ? r0 + rt->chunk : n_out;
-        rt->fn(&rt->mm, r0, r1, scratch);
+        while (c >= rt->first[i + 1])
+            i++;
+        int64_t n_out = rt->mm[i].w->n_out;
+        int64_t r0 = (c - rt->first[i]) * rt->chunk[i];
+        int64_t r1 = r0 + rt->chunk[i] < n_out ? r0 + rt->chunk[i] : n_out;
+        rt->fn[i](&rt->mm[i], r0, r1, scratch);
     }
 }
 
@@ -170,11 +180,25 @@ chunk_rows(int64_t n_out, int nth, int align)
     return c > 0 ? c : align;
 }
 
-int
-kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x, int n_tok,
-            float *y)
+/* Whether w[1..n_w) can share w[0]'s activations and pool run. */
+static bool
+same_input(const struct kern_matrix *const *w, int n_w)
 {
-    int rc = kern_matrix_check(w);
+    for (int i = 1; i < n_w; i++)
+        if (w[i]->type != w[0]->type || w[i]->n_in != w[0]->n_in)
+            return false;
+    return true;
+}
+
+/* n_w (1..MM_MAX) matrices of one type and n_in against the same x: one activation quantization,
+ * one pool run over the row chunks of all of them. */
+static int
+matmul_group(struct kern_pool *pool, const struct kern_matrix *const *w, int n_w, const float *x,
+             int n_tok, float *const *y)
+{
+    int rc = 0;
+    for (int i = 0; i < n_w && !rc; i++)
+        rc = kern_matrix_check(w[i]);
     if (rc)
         return rc;
     if (!pool || n_tok < 0)
@@ -182,25 +206,27 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
     if (n_tok == 0)
         return 0;
     const struct kern_cpu_isa_ops *iops = kern_cpu_isa_ops(kern_cpu_isa());
-    const struct kern_cpu_type_ops *tops = kern_cpu_type_ops_isa(iops->isa, w->type);
+    const struct kern_cpu_type_ops *tops = kern_cpu_type_ops_isa(iops->isa, w[0]->type);
     int nth = kern_pool_n_threads(pool);
 
-    struct kern_cpu_act act = {.n_tok = n_tok, .n_in = w->n_in, .x = x};
+    struct kern_cpu_act act = {.n_tok = n_tok, .n_in = w[0]->n_in, .x = x};
     size_t act_bytes = 0;
     int batched = n_tok >= iops->batch_min;
-    /* Decode from the packed rows when the matrix has them and this ISA reads them. */
-    bool packed = !batched && w->packed && tops->rows_packed;
+    /* Decode from the packed rows when every matrix has them and this ISA reads them. */
+    bool packed = !batched && tops->rows_packed;
+    for (int i = 0; i < n_w; i++)
+        packed = packed && w[i]->packed;
     bool want_dcorr = false;
     if (tops->unit) {
         act.unit = tops->unit;
-        act.n_units = w->n_in / tops->unit;
+        act.n_units = w[0]->n_in / tops->unit;
         act.off = tops->off;
         if (!batched && !packed && tops->prep)
-            act.prep_stride = ALIGN64(tops->prep_bytes(w->n_in));
+            act.prep_stride = ALIGN64(tops->prep_bytes(w[0]->n_in));
         want_dcorr = !batched && !packed && tops->dcorr && tops->off;
         act_bytes = act_layout(&act, want_dcorr, NULL);
     }
-    size_t thread_bytes = ALIGN64(kern_cpu_mm_scratch_bytes(w->n_in));
+    size_t thread_bytes = ALIGN64(kern_cpu_mm_scratch_bytes(w[0]->n_in));
     uint8_t *buf = NULL;
     rc = kern_cpu_pool_scratch(pool, act_bytes + (size_t)nth * thread_bytes, (void **)&buf);
     if (rc)
@@ -212,23 +238,44 @@ kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x,
                                 .fn = iops->act_quant,
                                 .prep = act.prep ? tops->prep : NULL,
                                 .blk = tops->act_blk};
-        if ((int64_t)n_tok * w->n_in < QUANT_INLINE_ELEMS || nth == 1)
+        if ((int64_t)n_tok * w[0]->n_in < QUANT_INLINE_ELEMS || nth == 1)
             quant_task(&qt, 0, 1);
         else
             kern_pool_run(pool, quant_task, &qt);
     }
 
-    struct rows_task rt = {
-        .mm = {.w = w, .act = &act, .y = y, .n_tok = n_tok},
-        .fn = batched  ? tops->rows_batch
-              : packed ? tops->rows_packed
-                       : tops->rows,
-        .chunk = chunk_rows(w->n_out, nth, iops->row_align),
-        .scratch = buf + act_bytes,
-        .thread_bytes = thread_bytes,
-    };
+    struct rows_task rt = {.n_mm = n_w, .scratch = buf + act_bytes, .thread_bytes = thread_bytes};
+    for (int i = 0; i < n_w; i++) {
+        rt.mm[i] = (struct kern_cpu_mm){.w = w[i], .act = &act, .y = y[i], .n_tok = n_tok};
+        rt.fn[i] = batched ? tops->rows_batch : packed ? tops->rows_packed : tops->rows;
+        rt.chunk[i] = chunk_rows(w[i]->n_out, nth, iops->row_align);
+        rt.first[i + 1] = rt.first[i] + (w[i]->n_out + rt.chunk[i] - 1) / rt.chunk[i];
+    }
     atomic_init(&rt.next, 0);
     kern_pool_run(pool, rows_task, &rt);
+    return 0;
+}
+
+int
+kern_matmul(struct kern_pool *pool, const struct kern_matrix *w, const float *x, int n_tok,
+            float *y)
+{
+    return matmul_group(pool, &w, 1, x, n_tok, &y);
+}
+
+int
+kern_matmul_multi(struct kern_pool *pool, const struct kern_matrix *const *w, int n_w,
+                  const float *x, int n_tok, float *const *y)
+{
+    if (n_w < 1 || !w)
+        return -EINVAL;
+    if (n_w <= MM_MAX && same_input(w, n_w))
+        return matmul_group(pool, w, n_w, x, n_tok, y);
+    for (int i = 0; i < n_w; i++) {
+        int rc = matmul_group(pool, &w[i], 1, x, n_tok, &y[i]);
+        if (rc)
+            return rc;
+    }
     return 0;
 }
 

@@ -623,6 +623,64 @@ test_kernels_matmul_packed_identical(void **state)
     kern_pool_free(pool);
 }
 
+/* kern_matmul_multi gives each matrix the bits of its own kern_matmul: q/k/v-like shapes of one
+ * type (one shared pool run), packed or not, small and large batches, 1..3 threads; and matrices
+ * of different types (separate runs). */
+static void
+test_kernels_matmul_multi_identical(void **state)
+{
+    enum kern_isa isa = state_isa(state);
+    static const int n_toks[] = {1, 2, 3, 7};
+    const int64_t n_in = 576, n_outs[3] = {100, 33, 64};
+    const enum kern_dtype types[2][3] = {
+        {KERN_DTYPE_Q4_1, KERN_DTYPE_Q4_1, KERN_DTYPE_Q4_1},
+        {KERN_DTYPE_Q8_0, KERN_DTYPE_Q4_0, KERN_DTYPE_F16},
+    };
+    struct rng r = {4242};
+    float *x = malloc(sizeof(float) * (size_t)(n_in * 7));
+    fill_normal(&r, x, n_in * 7, 1.0f);
+    for (int p = 1; p <= 3; p++) {
+        struct kern_pool *pool = NULL;
+        assert_int_equal(kern_pool_new(p, &pool), 0);
+        for (int set = 0; set < 2; set++) {
+            for (int pack = 0; pack < 2; pack++) {
+                struct wmat w[3];
+                const struct kern_matrix *wp[3];
+                float *ya[3], *yb[3];
+                for (int i = 0; i < 3; i++) {
+                    wmat_init(&w[i], &r, types[set][i], n_in, n_outs[i]);
+                    if (pack)
+                        assert_true(kern_matrix_repack(&w[i].m) >= 0);
+                    wp[i] = &w[i].m;
+                    ya[i] = malloc(sizeof(float) * (size_t)(n_outs[i] * 7));
+                    yb[i] = malloc(sizeof(float) * (size_t)(n_outs[i] * 7));
+                }
+                for (size_t k = 0; k < 4; k++) {
+                    int n_tok = n_toks[k];
+                    assert_int_equal(kern_cpu_set_isa(isa), 0);
+                    for (int i = 0; i < 3; i++)
+                        assert_int_equal(kern_matmul(pool, wp[i], x, n_tok, ya[i]), 0);
+                    assert_int_equal(kern_matmul_multi(pool, wp, 3, x, n_tok, yb), 0);
+                    restore_isa();
+                    for (int i = 0; i < 3; i++)
+                        if (memcmp(ya[i], yb[i], sizeof(float) * (size_t)(n_outs[i] * n_tok)))
+                            fail_msg("%s set %d pack %d n_tok %d threads %d: matrix %d differs",
+                                     kern_isa_name(isa), set, pack, n_tok, p, i);
+                }
+                for (int i = 0; i < 3; i++) {
+                    kern_matrix_unpack(&w[i].m);
+                    free(w[i].data);
+                    free(ya[i]);
+                    free(yb[i]);
+                }
+            }
+        }
+        kern_pool_free(pool);
+    }
+    assert_int_equal(kern_matmul_multi(NULL, NULL, 0, x, 1, NULL), -EINVAL);
+    free(x);
+}
+
 /* Places n bytes so that they end where an inaccessible page begins; *base is the mapping. */
 static void *
 guarded(size_t n, void **base, size_t *len)
@@ -893,6 +951,12 @@ main(void)
         {"test_kernels_matmul_packed_identical/avx2", test_kernels_matmul_packed_identical, NULL,
          NULL, (void *)&isa_avx2},
         {"test_kernels_matmul_packed_identical/avx512", test_kernels_matmul_packed_identical, NULL,
+         NULL, (void *)&isa_avx512},
+        {"test_kernels_matmul_multi_identical/scalar", test_kernels_matmul_multi_identical, NULL,
+         NULL, (void *)&isa_scalar},
+        {"test_kernels_matmul_multi_identical/avx2", test_kernels_matmul_multi_identical, NULL,
+         NULL, (void *)&isa_avx2},
+        {"test_kernels_matmul_multi_identical/avx512", test_kernels_matmul_multi_identical, NULL,
          NULL, (void *)&isa_avx512},
         {"test_kernels_matmul_reads_within_bounds/scalar", test_kernels_matmul_reads_within_bounds,
          NULL, NULL, (void *)&isa_scalar},

@@ -1,5 +1,6 @@
-/* AVX-512 attention (see kern_attn_f32). exp is a degree-6 polynomial after range reduction,
- * within a few ulp of expf for the arguments softmax uses (x <= 0). */
+/* AVX-512 attention (see kern_attn_f32) and SwiGLU (kern_swiglu). exp is a degree-6 polynomial
+ * after range reduction, within a few ulp of expf for the arguments softmax uses (x <= 0) and for
+ * silu's exp(-g) (overflow past 88 gives inf, so silu goes to -0 as it should). */
 #include <immintrin.h>
 #include <math.h>
 
@@ -87,5 +88,19 @@ kern_attn_f32_avx512(float *out, const float *q, const float *const *k_blocks,
         float *oj = out + (size_t)j * head_dim;
         for (int c = 0; c < nv; c++)
             _mm512_storeu_ps(oj + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+    }
+}
+
+void
+kern_swiglu_avx512(float *out, const float *gate, const float *up, int n)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+        __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
+                                 _mm512_maskz_loadu_ps(m, up + i));
+        _mm512_mask_storeu_ps(out + i, m, y);
     }
 }

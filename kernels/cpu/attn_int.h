@@ -12,4 +12,7 @@ void kern_attn_f32_avx512(float *out, const float *q, const float *const *k_bloc
                           const float *const *v_blocks, int block_rows, int n_kv, int n_q,
                           int head_dim, size_t stride, float scale, float *scratch);
 
+/* kern_swiglu with AVX-512 (exp by polynomial, a few ulp from expf). */
+void kern_swiglu_avx512(float *out, const float *gate, const float *up, int n);
+
 #endif

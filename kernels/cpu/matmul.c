@@ -172,10 +172,12 @@ act_layout(struct kern_cpu_act *a, bool want_dcorr, uint8_t *buf)
     return off;
 }
 
+/* Rows per claim: about per_thread chunks per thread, a multiple of align. */
 static int64_t
-chunk_rows(int64_t n_out, int nth, int align)
+chunk_rows(int64_t n_out, int nth, int align, int per_thread)
 {
-    int64_t c = (n_out + (int64_t)nth * 4 - 1) / ((int64_t)nth * 4);
+    int64_t n = (int64_t)nth * per_thread;
+    int64_t c = (n_out + n - 1) / n;
     c = (c + align - 1) / align * align;
     return c > 0 ? c : align;
 }
@@ -248,7 +250,10 @@ matmul_group(struct kern_pool *pool, const struct kern_matrix *const *w, int n_w
     for (int i = 0; i < n_w; i++) {
         rt.mm[i] = (struct kern_cpu_mm){.w = w[i], .act = &act, .y = y[i], .n_tok = n_tok};
         rt.fn[i] = batched ? tops->rows_batch : packed ? tops->rows_packed : tops->rows;
-        rt.chunk[i] = chunk_rows(w[i]->n_out, nth, iops->row_align);
+        /* Decode matmuls take microseconds: small claims of whole 16-row groups keep the
+         * threads finishing together (the last claim is what the others wait for). */
+        rt.chunk[i] = packed ? chunk_rows(w[i]->n_out, nth, KERN_PACK_ROWS, 8)
+                             : chunk_rows(w[i]->n_out, nth, iops->row_align, 4);
         rt.first[i + 1] = rt.first[i] + (w[i]->n_out + rt.chunk[i] - 1) / rt.chunk[i];
     }
     atomic_init(&rt.next, 0);

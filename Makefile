@@ -41,9 +41,10 @@ TINY_TYPES  := f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q4_k q5_k q6_k
 TINY_MODELS := $(if $(wildcard tests/tools/mkgguf.c),$(TINY_TYPES:%=$(BUILD)/tests/models/tiny-%.gguf),)
 
 # Degenerate models (tests/tools/mkgguf --degenerate): the default model's tokenizer, weights that
-# emit a fixed cycle forever and never EOS (see mkgguf.c); each with a .json description. Only
-# when the default model is there (make test fetches it first).
-DEGEN_KINDS  := sentence line tokens unterminated
+# emit a fixed cycle forever and never EOS (see mkgguf.c; toolcall: a second-order circuit whose
+# next token depends on the previous two); each with a .json description. Only when the default
+# model is there (make test fetches it first).
+DEGEN_KINDS  := sentence line tokens unterminated toolcall
 DEGEN_MODELS := $(if $(and $(wildcard tests/tools/mkgguf.c),$(wildcard $(MODEL))),$(DEGEN_KINDS:%=$(BUILD)/tests/models/degenerate-%.gguf),)
 
 .PHONY: all setup model test check asan tsan valgrind fuzz bench cuda format format-check clean help run

@@ -6,6 +6,12 @@ the guards on them: the token_loop guard (SUBMIT "token_loop") ends a looping se
 cancelled / guard token_loop at the first check that sees the loop, its KV blocks free again, and
 STATS "guard_trips" counts it, as well as CANCEL frames that name a guard.
 
+The toolcall model is second order (its next token depends on the previous and the current one,
+through a previous-token attention head and an FFN that matches the pair): its cycle repeats
+tokens ('{"', '":"', '_', '>'), so a prompt that ends inside the cycle continues correctly only
+when the model really reads the previous token; its attention is aimed by RoPE at distance 1,
+also far into a long prompt.
+
 Waits are bounded STATS polls; nothing compares wall-clock time.
 """
 
@@ -21,7 +27,9 @@ from engine_util import Engine, scaled, wait_stats
 
 ENGINE = BUILD / "llm-engine"
 MODELS = BUILD / "tests" / "models"
-KINDS = ["sentence", "line", "tokens", "unterminated"]
+KINDS = ["sentence", "line", "tokens", "unterminated", "toolcall"]
+# What the second-order toolcall model repeats: test_guards.py's FAILED_HISTORY holds this call.
+TOOLCALL = '<tool_call>{"name":"bash","arguments":{"command":"which cargo"}}</tool_call>'
 GUARD_NAMES = ["name_run_cap", "identical_call", "repeated_call_history", "tool_call_cap",
                "permanent_failure", "line_repeat", "sentence_loop", "unterminated_tool_call",
                "token_loop"]
@@ -162,3 +170,80 @@ def test_degenerate_guard_cancel_counted(engine_for):
         assert s["kv_blocks_used"] == 0
         assert s["guard_trips"]["sentence_loop"] == 1
         assert sum(s["guard_trips"].values()) == 1
+
+
+# ---- The second-order toolcall model ----
+
+SAMPLERS = [dict(temperature=0), dict(temperature=1.0, seed=7),
+            dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=11)]
+
+
+def test_toolcall_model_describes_its_call():
+    _, desc = degenerate("toolcall")
+    assert desc["order"] == 2 and desc["prefix_ids"] == []
+    assert desc["cycle"] == TOOLCALL
+    inner = json.loads(TOOLCALL[len("<tool_call>"):-len("</tool_call>")])
+    assert inner == {"name": "bash", "arguments": {"command": "which cargo"}}
+    cycle = desc["cycle_ids"]
+    # tokens repeat within the cycle: no first-order model can emit it
+    assert len(set(cycle)) < len(cycle)
+    # but each (previous, current) pair occurs once, the first token once
+    pairs = [(cycle[j - 1], cycle[j]) for j in range(len(cycle))]
+    assert len(set(pairs)) == len(pairs) and cycle.count(cycle[0]) == 1
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["greedy", "t1", "t1.5"])
+def test_toolcall_cycle_for_hundreds_of_tokens(engine_for, sampler):
+    e, desc = engine_for("toolcall")
+    n = 520  # 20 calls
+    want = expected(desc, n)
+    prompts = [dict(prompt=chatml("Please check whether cargo is installed."), parse_special=True),
+               dict(prompt="The capital of France is"),
+               dict(prompt_ids=[1, 2, 3, 4]),
+               dict(prompt="x")]
+    with e.connect() as c:
+        for i, p in enumerate(prompts):
+            r = generate(c, i + 1, n, **p, **sampler)
+            assert r.ids == want, (p, r.text[:300])
+            assert r.text == (TOOLCALL * 20).encode()
+            assert r.done["finish"] == "length", r.done
+            assert r.done["usage"]["completion_tokens"] == n
+        s = c.stats()
+        assert s["finished_by"]["eos"] == 0
+        assert s["kv_blocks_used"] == 0
+
+
+def test_toolcall_reads_the_previous_token(engine_for):
+    """A prompt ending anywhere inside the cycle continues from there: where the current token
+    occurs twice in the cycle ('{"' then 'name' or 'command'), only the previous token tells."""
+    e, desc = engine_for("toolcall")
+    cycle = desc["cycle_ids"]
+    n_cycle = len(cycle)
+    with e.connect() as c:
+        for j in range(n_cycle):
+            r = generate(c, j + 1, 2 * n_cycle, prompt_ids=[17] + cycle[:j + 1])
+            want = (cycle[j + 1:] + cycle * 3)[:2 * n_cycle]
+            assert r.ids == want, (j, r.text)
+        # the same last token after a token outside the cycle: back to the start
+        r = generate(c, 100, n_cycle, prompt_ids=[17, cycle[5]])
+        assert r.ids == cycle
+
+
+def test_toolcall_previous_token_head_over_a_long_prompt(engine_for):
+    """3000 prompt tokens (pseudo-random, none from the cycle): the head still picks distance 1
+    out of thousands of earlier positions, during prefill and decode."""
+    e, desc = engine_for("toolcall")
+    in_cycle = set(desc["cycle_ids"])
+    ids, x = [], 12345
+    while len(ids) < 3000:
+        x = (x * 1103515245 + 12345) % (1 << 31)
+        t = 100 + x % 40000
+        if t not in in_cycle:
+            ids.append(t)
+    with e.connect() as c:
+        r = generate(c, 1, 500, prompt_ids=ids, temperature=0)
+        assert r.ids == expected(desc, 500)
+        # and inside the cycle after the long prompt: (previous, current) still read right
+        cycle = desc["cycle_ids"]
+        r = generate(c, 2, 100, prompt_ids=ids + cycle[:13], temperature=0)
+        assert r.ids == (cycle[13:] + cycle * 5)[:100]

@@ -25,11 +25,33 @@
  * the first token of PREFIX (or CYCLE). A prompt that ends in a graph token continues after it.
  * The token that is exactly "\n" is used only as the last token of CYCLE (a ChatML generation
  * prompt ends in it, so chat requests start at the beginning). Besides OUT, OUT.json describes the
- * model for tests: {"kind", "prefix", "cycle", "prefix_ids", "cycle_ids", "logit"}.
+ * model for tests: {"kind", "prefix", "cycle", "prefix_ids", "cycle_ids", "logit", "order"} (and
+ * "attention_margin" for second order).
  * Limit: the next token depends on the current one only, so the text must have a cut into
  * distinct tokens; with SmolLM2's vocabulary a whole tool call (two "tool_call" tags, many '"')
- * has none, which is why no built-in kind repeats complete tool calls (that needs attention
- * reading earlier tokens).
+ * has none. Kinds marked second-order (toolcall) lift that limit with a real one-layer circuit:
+ *
+ * Second order: the next token depends on (previous, current). The cut only needs distinct
+ * pairs of neighbours (and a first token that occurs once). Rules: (any, g0) -> g1, then
+ * (g[j-1], g[j]) -> g[j+1] along PREFIX + CYCLE with the wrap to CYCLE's start (plus the pair
+ * across the wrap when there is a PREFIX); a prompt whose last two tokens match no rule gets g0,
+ * so any prompt starts at the beginning. One layer, one head of size n_embd, residual layout:
+ * dim 0 a constant 1; CUR, the one-hot of the current token's slot (distinct graph tokens, then
+ * one slot for every other token); PREV, written by attention; STATE, one dim per rule, written by
+ * the FFN. The embedding is e0 + CUR, so every residual has the same norm at each stage (2, 3,
+ * then 4 or 3) and the RMSNorm factors r0, r1, r2 are known. Attention is a previous-token head
+ * aimed by RoPE: q and k read only dim 0; k's pair i is (B, 0), q's pair i is A*(cos t_i, -sin t_i)
+ * (one step back), so the score at distance d is A*B/sqrt(hd) * sum_i cos(t_i*(d-1)), largest at
+ * d = 1 for every pair at once; the scale is chosen, and then checked on the quantized weights
+ * for d = 0..ctx, so that softmax leaves less than e^-40 of weight anywhere else (the margin is
+ * printed). Position 0 attends to itself (then prev = cur: no rule but the first-order one).
+ * v = CUR, W_o writes it to PREV. FFN unit r (rule r = (p, c)): gate = up = G*(prev_p + cur_c -
+ * 1) (for "any": the sum of all PREV slots, which is 1): G on a match, exactly 0 when one of the
+ * two matches, -G when none, so silu(gate)*up is G*silu(G), 0 or ~0; the down projection writes 1
+ * to STATE r. Output row t: DEGEN_LOGIT / r2 on each STATE r whose rule yields t, and
+ * DEGEN_LOGIT / 2 / r2 on dim 0 for g0: logits 400 for the next token, 200 for g0 (the default),
+ * 0 for the rest. All coefficients of a row share one magnitude where a row mixes them, so Q8_0
+ * stores them exactly up to its f16 scale.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -55,6 +77,8 @@
 #define DEGEN_LOGIT 400.0f   /* the next token's logit; every other token's is 0 */
 #define DEGEN_MAX_GRAPH 1024 /* tokens in PREFIX + CYCLE */
 #define DEGEN_SEARCH_STEPS 2000000
+#define DEGEN_GATE 16.0f   /* second order: FFN gate and up on a rule's match */
+#define DEGEN_ATTN_LEAK 40 /* second order: attention weight off the previous token < e^-this */
 
 struct mk_opts {
     const char *out;
@@ -70,6 +94,14 @@ struct mk_opts {
     const char *degen_text;   /* the cycle */
     const char *degen_prefix; /* emitted once before the cycle */
     const char *vocab_from;   /* --vocab-from */
+    int degen_order;          /* --degenerate-order: 0 the kind's (custom text: 1) */
+};
+
+/* A second-order rule: (previous token's slot, current token's slot) -> next token. */
+struct degen_rule {
+    int prev; /* a slot, or -1: any previous token */
+    int cur;
+    int32_t next;
 };
 
 /* What the degenerate model emits: graph[0..n_prefix) once, then graph[n_prefix..n) forever. */
@@ -78,8 +110,18 @@ struct mk_degen {
     struct eng_tok *tok;
     int32_t graph[DEGEN_MAX_GRAPH];
     int n, n_prefix;
-    int n_slots;      /* n + 1: the last slot is every token outside the graph */
+    int n_slots;      /* first order: n + 1, second: distinct graph tokens + 1; the last slot is
+                         every token outside the graph */
     int32_t *slot_of; /* (n_vocab) */
+    int order;        /* 1 or 2 */
+    /* second order: the rules and the circuit (see the top of this file) */
+    struct degen_rule rules[DEGEN_MAX_GRAPH + 1];
+    int n_rules;
+    int o_cur, o_prev, o_state; /* offsets of the residual blocks */
+    float r0, r1, r2;           /* RMSNorm factors before attention, FFN, output */
+    float qk;                   /* A = B */
+    double attn_margin;         /* smallest score gap to the previous token, d = 0..ctx */
+    int attn_margin_at;
 };
 
 struct mk_tensor {
@@ -94,7 +136,17 @@ struct mk_tensor {
     size_t info_pos; /* where its tensor-info record starts in the info buffer */
 };
 
-enum { FILL_RANDOM = 0, FILL_DEGEN_EMBD, FILL_DEGEN_OUT };
+enum {
+    FILL_RANDOM = 0,
+    FILL_DEGEN_EMBD,
+    FILL_DEGEN_OUT,
+    FILL_DEGEN_Q, /* second order: layer 0's matrices */
+    FILL_DEGEN_K,
+    FILL_DEGEN_V,
+    FILL_DEGEN_O,
+    FILL_DEGEN_GATE, /* gate and up are the same */
+    FILL_DEGEN_DOWN,
+};
 
 struct mk_buf {
     uint8_t *p;
@@ -417,21 +469,27 @@ write_metadata_degen(struct mk_model *m, const struct mk_opts *o)
 /* The built-in degenerate outputs. */
 static const struct {
     const char *kind, *prefix, *cycle;
+    int order; /* 1: next(current); 2: next(previous, current) */
 } degen_kinds[] = {
     /* the same sentence, no line break: sentence_loop (the third) before line_repeat (the 4th) */
-    {"sentence", "", "I will run the same build command again to see whether it works now. "},
+    {"sentence", "", "I will run the same build command again to see whether it works now. ", 1},
     /* the same line, no sentence end: line_repeat (sentence_loop cuts only at 1024 bytes) */
-    {"line", "", "retry the build with the same flags and options\n"},
+    {"line", "", "retry the build with the same flags and options\n", 1},
     /* a period of 16 tokens, no sentence end, no line: token_loop trips at 48 tokens (3
      * periods), before line_repeat's 30-byte phrase can occur a 4th time (after 52) */
     {"tokens", "",
      " time people year way day man thing woman life child world school state family student"
-     " group"},
+     " group",
+     1},
     /* a tool call that opens a JSON string and never closes it: unterminated_tool_call */
-    {"unterminated", "<tool_call>{\"", "lorem ipsum dolor sit amet "},
+    {"unterminated", "<tool_call>{\"", "lorem ipsum dolor sit amet ", 1},
+    /* the same complete tool call again and again (second order): the tool-loop guards */
+    {"toolcall", "",
+     "<tool_call>{\"name\":\"bash\",\"arguments\":{\"command\":\"which cargo\"}}</tool_call>", 2},
 };
 
 struct degen_search {
+    int order;
     const char *text;
     size_t len, boundary; /* the prefix ends at boundary: no token crosses it */
     int n_vocab;
@@ -445,17 +503,51 @@ struct degen_search {
     long steps;
 };
 
-/* Depth-first, longest piece first: a cut of text[at..] into unused tokens. */
+/* Second order: may id follow the path? The first token occurs once, every pair of neighbours
+ * once. */
+static bool
+degen_pair_ok(const struct degen_search *d, int32_t id)
+{
+    int n = d->n_path;
+    if (n > 0 && id == d->path[0])
+        return false;
+    for (int j = 1; j < n; j++) {
+        if (d->path[j - 1] == d->path[n - 1] && d->path[j] == id)
+            return false;
+    }
+    return true;
+}
+
+/* Second order, a complete cut: with a prefix, the pair across the wrap (last token, first of
+ * the cycle) is one more rule, which must be new too. */
+static bool
+degen_wrap_ok(const struct degen_search *d)
+{
+    int n = d->n_path, np = 0;
+    size_t at = 0;
+    while (np < n && at < d->boundary)
+        at += d->piece_len[d->path[np++]];
+    if (n < 2 || np == 0)
+        return n >= 2;
+    for (int j = 1; j < n; j++) {
+        if (d->path[j - 1] == d->path[n - 1] && d->path[j] == d->path[np])
+            return false;
+    }
+    return true;
+}
+
+/* Depth-first, longest piece first: a cut of text[at..] into unused tokens (first order) or
+ * into tokens with distinct pairs of neighbours (second order). */
 static bool
 degen_cut(struct degen_search *d, size_t at)
 {
     if (at == d->len)
-        return true;
+        return d->order == 1 || degen_wrap_ok(d);
     if (++d->steps > DEGEN_SEARCH_STEPS || d->n_path == DEGEN_MAX_GRAPH)
         return false;
     for (int c = 0; c < d->n_cand[at]; c++) {
         int32_t id = d->cand[at][c];
-        if (d->used[id])
+        if (d->order == 1 ? d->used[id] != 0 : !degen_pair_ok(d, id))
             continue;
         d->used[id] = 1;
         d->path[d->n_path++] = id;
@@ -492,11 +584,51 @@ degen_candidates(struct degen_search *d, size_t at)
     d->n_cand[at] = n;
 }
 
+/* The graph position that follows position i: the wrap goes to the cycle's start. */
+static int
+degen_after(const struct mk_degen *dg, int i)
+{
+    return i + 1 < dg->n ? i + 1 : dg->n_prefix;
+}
+
+/* Second order: slots (distinct graph tokens in order of appearance, then "other") and rules
+ * (see the top of this file); degen_cut made every rule's key unique. */
+static void
+degen_rules(struct mk_degen *dg, int n_vocab)
+{
+    int k = 0;
+    for (int id = 0; id < n_vocab; id++)
+        dg->slot_of[id] = -1;
+    for (int i = 0; i < dg->n; i++) {
+        if (dg->slot_of[dg->graph[i]] < 0)
+            dg->slot_of[dg->graph[i]] = k++;
+    }
+    for (int id = 0; id < n_vocab; id++) {
+        if (dg->slot_of[id] < 0)
+            dg->slot_of[id] = k;
+    }
+    dg->n_slots = k + 1;
+    dg->n_rules = 0;
+    for (int i = 0; i < dg->n; i++) {
+        struct degen_rule *r = &dg->rules[dg->n_rules++];
+        r->prev = i == 0 ? -1 : dg->slot_of[dg->graph[i - 1]];
+        r->cur = dg->slot_of[dg->graph[i]];
+        r->next = dg->graph[degen_after(dg, i)];
+    }
+    if (dg->n_prefix > 0) { /* the pair across the wrap */
+        struct degen_rule *r = &dg->rules[dg->n_rules++];
+        r->prev = dg->slot_of[dg->graph[dg->n - 1]];
+        r->cur = dg->slot_of[dg->graph[dg->n_prefix]];
+        r->next = dg->graph[degen_after(dg, dg->n_prefix)];
+    }
+}
+
 static int
 degen_build(struct mk_degen *dg, const char *prefix, const char *cycle)
 {
     int n_vocab = eng_tok_n_vocab(dg->tok);
-    struct degen_search d = {.len = strlen(prefix) + strlen(cycle), .boundary = strlen(prefix)};
+    struct degen_search d = {
+        .order = dg->order, .len = strlen(prefix) + strlen(cycle), .boundary = strlen(prefix)};
     char *text = cm_xmalloc(d.len + 1);
     snprintf(text, d.len + 1, "%s%s", prefix, cycle);
     d.text = text;
@@ -518,8 +650,8 @@ degen_build(struct mk_degen *dg, const char *prefix, const char *cycle)
         degen_candidates(&d, at);
     int rc = 0;
     if (strlen(cycle) == 0 || !degen_cut(&d, 0)) {
-        fprintf(stderr, "mkgguf: no cut of the degenerate text into distinct tokens (%ld steps)\n",
-                d.steps);
+        fprintf(stderr, "mkgguf: no cut of the degenerate text into distinct %s (%ld steps)\n",
+                d.order == 1 ? "tokens" : "pairs of neighbours", d.steps);
         rc = -EINVAL;
     } else {
         dg->n = d.n_path;
@@ -532,12 +664,16 @@ degen_build(struct mk_degen *dg, const char *prefix, const char *cycle)
         }
         if (d.boundary == 0)
             dg->n_prefix = 0;
-        dg->n_slots = dg->n + 1;
         dg->slot_of = cm_xmalloc((size_t)n_vocab * sizeof(*dg->slot_of));
-        for (int id = 0; id < n_vocab; id++)
-            dg->slot_of[id] = dg->n; /* outside the graph */
-        for (int i = 0; i < dg->n; i++)
-            dg->slot_of[dg->graph[i]] = i;
+        if (dg->order == 2) {
+            degen_rules(dg, n_vocab);
+        } else {
+            dg->n_slots = dg->n + 1;
+            for (int id = 0; id < n_vocab; id++)
+                dg->slot_of[id] = dg->n; /* outside the graph */
+            for (int i = 0; i < dg->n; i++)
+                dg->slot_of[dg->graph[i]] = i;
+        }
     }
     for (size_t at = 0; at < d.len; at++)
         free(d.cand[at]);
@@ -550,6 +686,8 @@ degen_build(struct mk_degen *dg, const char *prefix, const char *cycle)
     free(d.used);
     return rc;
 }
+
+static int encode_row(enum kern_dtype type, const float *src, void *dst, int64_t n);
 
 /* The token that follows slot k. */
 static int32_t
@@ -584,6 +722,9 @@ degen_describe(const struct mk_degen *dg, const struct mk_opts *o, const char *p
     json_object_object_add(j, "cycle_ids",
                            json_ids(dg->graph + dg->n_prefix, dg->n - dg->n_prefix));
     json_object_object_add(j, "logit", json_object_new_double(DEGEN_LOGIT));
+    json_object_object_add(j, "order", json_object_new_int(dg->order));
+    if (dg->order == 2)
+        json_object_object_add(j, "attention_margin", json_object_new_double(dg->attn_margin));
     int rc = json_object_to_file_ext(path, j, JSON_C_TO_STRING_PRETTY) == 0 ? 0 : -EIO;
     if (rc)
         fprintf(stderr, "mkgguf: cannot write %s\n", path);
@@ -591,19 +732,124 @@ degen_describe(const struct mk_degen *dg, const struct mk_opts *o, const char *p
     return rc;
 }
 
+static float
+silu(float x)
+{
+    return x / (1.0f + expf(-x));
+}
+
+/* The angle per position of RoPE pair i, as the engine computes it. */
+static float
+degen_freq(int i, int head_dim)
+{
+    return powf(10000.0f, -2.0f * (float)i / (float)head_dim);
+}
+
+/* Element 0 of a row holding v there and zeros elsewhere, after a round trip through type. */
+static float
+degen_stored(enum kern_dtype type, float v, int n)
+{
+    float *row = cm_xcalloc((size_t)n, sizeof(float));
+    void *q = cm_xmalloc(kern_row_bytes((uint32_t)type, n));
+    row[0] = v;
+    if (encode_row(type, row, q, n) < 0 || kern_dequant_row(type, q, row, n) < 0)
+        row[0] = NAN;
+    float out = row[0];
+    free(q);
+    free(row);
+    return out;
+}
+
+/* The previous-token head's score at distance d (query position - key position) from the q and
+ * k the engine computes out of the stored weights, relative to the score at d = 1; returns the
+ * smallest gap over d = 0..n_ctx, d != 1, and where. */
+static double
+degen_attn_gap(const struct mk_degen *dg, const struct mk_opts *o, double a, int *at)
+{
+    int hd = o->dim, n_pairs = hd / 2;
+    double *qc = cm_xcalloc((size_t)n_pairs, sizeof(double));
+    double *qs = cm_xcalloc((size_t)n_pairs, sizeof(double));
+    double *th = cm_xcalloc((size_t)n_pairs, sizeof(double));
+    double k = degen_stored(o->type, (float)(a / dg->r0), hd) * dg->r0, scale = 1.0 / sqrt(hd);
+    for (int i = 0; i < n_pairs; i++) {
+        th[i] = degen_freq(i, hd);
+        qc[i] = degen_stored(o->type, (float)(a * cos(th[i]) / dg->r0), hd) * dg->r0;
+        qs[i] = degen_stored(o->type, (float)(-a * sin(th[i]) / dg->r0), hd) * dg->r0;
+    }
+    double best = 0, gap = INFINITY;
+    for (int d = 1; d <= o->ctx; d = d == 1 ? 0 : (d == 0 ? 2 : d + 1)) { /* 1 first */
+        double sc = 0;
+        for (int i = 0; i < n_pairs; i++) /* q rotated by d steps, dot (k, 0) */
+            sc += (qc[i] * cos(th[i] * d) - qs[i] * sin(th[i] * d)) * k;
+        sc *= scale;
+        if (d == 1) {
+            best = sc;
+        } else if (best - sc < gap) {
+            gap = best - sc;
+            *at = d;
+        }
+    }
+    free(qc);
+    free(qs);
+    free(th);
+    return isfinite(k) ? gap : NAN;
+}
+
+/* Second order: the dimensions, the constants and the attention check (see the top). */
+static int
+degen_circuit(struct mk_degen *dg, struct mk_opts *o)
+{
+    int need = 1 + 2 * dg->n_slots + dg->n_rules, at = 0;
+    o->layers = 1;
+    o->heads = o->kv_heads = 1;
+    o->dim = ((need > o->dim ? need : o->dim) + 31) / 32 * 32;
+    o->ffn = (dg->n_rules + 31) / 32 * 32;
+    dg->o_cur = 1;
+    dg->o_prev = 1 + dg->n_slots;
+    dg->o_state = 1 + 2 * dg->n_slots;
+    dg->r0 = 1.0f / sqrtf(2.0f / (float)o->dim + 1e-5f);
+    dg->r1 = 1.0f / sqrtf(3.0f / (float)o->dim + 1e-5f);
+    dg->r2 = 1.0f / sqrtf(4.0f / (float)o->dim + 1e-5f);
+    /* the unit gap (A*B/sqrt(hd) = 1) first, then A for the wanted gap, then the real check */
+    double unit = INFINITY, want = log(o->ctx + 1.0) + DEGEN_ATTN_LEAK;
+    for (int d = 0; d <= o->ctx; d++) {
+        double g = 0;
+        for (int i = 0; d != 1 && i < o->dim / 2; i++)
+            g += 1.0 - cos(degen_freq(i, o->dim) * (d - 1));
+        if (d != 1 && g < unit)
+            unit = g;
+    }
+    dg->qk = (float)sqrt((want + 8.0) / unit * sqrt(o->dim));
+    dg->attn_margin = degen_attn_gap(dg, o, dg->qk, &at);
+    dg->attn_margin_at = at;
+    fprintf(stderr,
+            "mkgguf: %d tokens, %d slots, %d rules, n_embd %d, n_ff %d; previous-token head: "
+            "score gap %.1f (d = %d) over d = 0..%d, needed %.1f (weight elsewhere < e^-%d)\n",
+            dg->n, dg->n_slots, dg->n_rules, o->dim, o->ffn, dg->attn_margin, at, o->ctx, want,
+            DEGEN_ATTN_LEAK);
+    if (!(dg->attn_margin >= want)) {
+        fprintf(stderr, "mkgguf: the previous-token head is not sharp enough for --ctx %d\n",
+                o->ctx);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 /* Opens --vocab-from, resolves the texts, cuts them into tokens. */
 static int
-degen_open(struct mk_model *m, const struct mk_opts *o, const char **prefix, const char **cycle)
+degen_open(struct mk_model *m, struct mk_opts *o, const char **prefix, const char **cycle)
 {
     char err[ENG_GGUF_ERR_LEN] = "";
     struct mk_degen *dg = cm_xcalloc(1, sizeof(*dg));
     m->degen = dg;
     *prefix = o->degen_prefix ? o->degen_prefix : "";
     *cycle = o->degen_text;
+    dg->order = o->degen_order ? o->degen_order : 1;
     for (size_t i = 0; o->degen_kind && i < sizeof(degen_kinds) / sizeof(degen_kinds[0]); i++) {
         if (strcmp(degen_kinds[i].kind, o->degen_kind) == 0) {
             *prefix = o->degen_prefix ? o->degen_prefix : degen_kinds[i].prefix;
             *cycle = o->degen_text ? o->degen_text : degen_kinds[i].cycle;
+            dg->order = o->degen_order ? o->degen_order : degen_kinds[i].order;
         }
     }
     if (*cycle == NULL) {
@@ -617,6 +863,8 @@ degen_open(struct mk_model *m, const struct mk_opts *o, const char **prefix, con
     }
     m->n_tokens = eng_tok_n_vocab(dg->tok);
     int rc = degen_build(dg, *prefix, *cycle);
+    if (rc == 0 && dg->order == 2)
+        return degen_circuit(dg, o);
     if (rc == 0 && dg->n_slots > o->dim) {
         fprintf(stderr, "mkgguf: the degenerate text needs %d tokens: --dim must be above that\n",
                 dg->n);
@@ -636,10 +884,20 @@ degen_close(struct mk_degen *dg)
     free(dg);
 }
 
-/* Degenerate weights: norms 1, layer matrices 0, embedding and output as described at the top. */
+/* Degenerate weights: norms 1, layer matrices 0 (second order: layer 0's circuit), embedding
+ * and output as described at the top. */
 static void
 degen_tensors(struct mk_model *m)
 {
+    static const struct {
+        const char *name;
+        int fill;
+    } circuit[] = {
+        {"blk.0.attn_q.weight", FILL_DEGEN_Q},      {"blk.0.attn_k.weight", FILL_DEGEN_K},
+        {"blk.0.attn_v.weight", FILL_DEGEN_V},      {"blk.0.attn_output.weight", FILL_DEGEN_O},
+        {"blk.0.ffn_gate.weight", FILL_DEGEN_GATE}, {"blk.0.ffn_up.weight", FILL_DEGEN_GATE},
+        {"blk.0.ffn_down.weight", FILL_DEGEN_DOWN},
+    };
     for (int i = 0; i < m->n_tensors; i++) {
         struct mk_tensor *t = &m->t[i];
         t->std = 0.0f;
@@ -648,6 +906,63 @@ degen_tensors(struct mk_model *m)
             t->fill = FILL_DEGEN_EMBD;
         else if (strcmp(t->name, "output.weight") == 0)
             t->fill = FILL_DEGEN_OUT;
+        for (size_t c = 0; m->degen->order == 2 && c < sizeof(circuit) / sizeof(circuit[0]); c++) {
+            if (strcmp(t->name, circuit[c].name) == 0)
+                t->fill = circuit[c].fill;
+        }
+    }
+}
+
+/* Row r of a second-order model's matrix (see the top of this file). */
+static void
+degen_row2(const struct mk_degen *dg, int fill, int r, float *row, int n)
+{
+    float g = DEGEN_GATE / dg->r1, logit = DEGEN_LOGIT / dg->r2;
+    const struct degen_rule *rule = &dg->rules[r < dg->n_rules ? r : 0];
+    switch (fill) {
+    case FILL_DEGEN_EMBD:
+        row[0] = 1.0f;
+        row[dg->o_cur + dg->slot_of[r]] = 1.0f;
+        break;
+    case FILL_DEGEN_Q: /* pair r/2 turned one step back */
+        row[0] =
+            (r % 2 ? -sinf(degen_freq(r / 2, n)) : cosf(degen_freq(r / 2, n))) * dg->qk / dg->r0;
+        break;
+    case FILL_DEGEN_K:
+        row[0] = r % 2 ? 0.0f : dg->qk / dg->r0;
+        break;
+    case FILL_DEGEN_V:
+        if (r < dg->n_slots)
+            row[dg->o_cur + r] = 1.0f / dg->r0;
+        break;
+    case FILL_DEGEN_O:
+        if (r >= dg->o_prev && r < dg->o_prev + dg->n_slots)
+            row[r - dg->o_prev] = 1.0f;
+        break;
+    case FILL_DEGEN_GATE:
+        if (r >= dg->n_rules)
+            break;
+        for (int s = 0; s < dg->n_slots; s++) {
+            if (rule->prev < 0 || rule->prev == s)
+                row[dg->o_prev + s] = g;
+        }
+        row[dg->o_cur + rule->cur] = g;
+        row[0] = -g;
+        break;
+    case FILL_DEGEN_DOWN:
+        if (r >= dg->o_state && r < dg->o_state + dg->n_rules)
+            row[r - dg->o_state] = 1.0f / (DEGEN_GATE * silu(DEGEN_GATE));
+        break;
+    case FILL_DEGEN_OUT:
+        for (int q = 0; q < dg->n_rules; q++) {
+            if (dg->rules[q].next == r)
+                row[dg->o_state + q] = logit;
+        }
+        if (r == dg->graph[0])
+            row[0] = logit / 2.0f;
+        break;
+    default:
+        break;
     }
 }
 
@@ -657,6 +972,10 @@ degen_row(const struct mk_model *m, const struct mk_tensor *t, uint64_t r, float
 {
     const struct mk_degen *dg = m->degen;
     memset(row, 0, (size_t)t->ne[0] * sizeof(float));
+    if (dg->order == 2) {
+        degen_row2(dg, t->fill, (int)r, row, (int)t->ne[0]);
+        return;
+    }
     if (t->fill == FILL_DEGEN_EMBD) {
         row[dg->slot_of[r]] = 1.0f;
         return;
@@ -966,9 +1285,10 @@ usage(FILE *f)
            "              [--arch llama|qwen2] [--layers 2] [--dim 64] [--heads 4] [--kv-heads 2]\n"
            "              [--ffn 128] [--ctx 256] [--seed 1] [--tied|--untied] [--version 2|3]\n"
            "              [--corrupt KIND] [--vocab N]\n"
-           "       mkgguf -o FILE --degenerate sentence|line|tokens|unterminated\n"
+           "       mkgguf -o FILE --degenerate sentence|line|tokens|unterminated|toolcall\n"
            "              --vocab-from MODEL.gguf [--degenerate-text CYCLE]\n"
-           "              [--degenerate-prefix PREFIX] [dimension options]\n"
+           "              [--degenerate-prefix PREFIX] [--degenerate-order 1|2]\n"
+           "              [dimension options (second order: chosen by mkgguf)]\n"
            "K-quant types need --dim and --ffn multiples of 256 (default 256 and 512 for them).\n"
            "KIND: truncated magic version offset count kvcount strlen type dims misaligned\n"
            "      (broken GGUF), missing shape vocab (valid GGUF, wrong model).\n"
@@ -1089,6 +1409,7 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         O_DEGEN_TEXT,
         O_DEGEN_PREFIX,
         O_VOCAB_FROM,
+        O_DEGEN_ORDER,
         O_HELP
     };
     static const struct option longopts[] = {
@@ -1110,6 +1431,7 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
         {"degenerate-text", required_argument, NULL, O_DEGEN_TEXT},
         {"degenerate-prefix", required_argument, NULL, O_DEGEN_PREFIX},
         {"vocab-from", required_argument, NULL, O_VOCAB_FROM},
+        {"degenerate-order", required_argument, NULL, O_DEGEN_ORDER},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -1177,6 +1499,9 @@ parse_opts(int argc, char **argv, struct mk_opts *o)
             break;
         case O_VOCAB_FROM:
             o->vocab_from = optarg;
+            break;
+        case O_DEGEN_ORDER:
+            rc = parse_int(optarg, "--degenerate-order", 1, 2, &o->degen_order);
             break;
         case 'h':
         case O_HELP:

@@ -13,8 +13,8 @@
  *     as long as x holds no byte the vocabulary has no token for (computed at start-up by encoding
  *     each byte alone; the header documents that those bytes are dropped); and the concatenated
  *     eng_tok_piece texts equal the decoded text;
- *   - SentencePiece: decode(encode(x)) == x without parse_special for x that is valid UTF-8 (byte
- *     fallback is checked too: invalid bytes must decode back to themselves) and contains no
+ *   - SentencePiece: decode(encode(x)) == x without parse_special for x that is valid UTF-8
+ *     without NUL (invalid bytes are encoded and decoded, but not compared) and contains no
  *     "\xe2\x96\x81" (U+2581, the SPM space marker, which decodes to a space by design);
  *   - eng_tok_utf8_complete never exceeds the length and leaves at most 3 bytes behind.
  * Seeds (tests/fuzz/corpus/tokenizer/): the golden input strings of tests/data/tokenizer (mixed

@@ -4,7 +4,10 @@
 # time. Results are appended to bench/results/engine.jsonl. Then the end-to-end load (items 3-4).
 # Env: BUILD (build), MODEL (models/default.gguf), THREADS (online CPUs), REPS (3), ENGINE (1), E2E (1)
 #      (0 skips the engine or the end-to-end part),
-#      CLIENTS (1,8,32), ROUNDS (2), PEER_URL (unset: no peer).
+#      CLIENTS (1,8,32), ROUNDS (2), PEER_URL (unset: no peer),
+#      PEER_BENCH (unset: none): path to a llama-bench the user built; pp512/tg128 of ours and of
+#      the peer on the same GGUF and threads, alternating A B A B for PEER_ROUNDS (3) rounds,
+#      medians and ratios printed and appended to bench/results/engine.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -35,6 +38,54 @@ if [ "${ENGINE:-1}" != 0 ]; then
             printf "ratio vs llama.cpp baseline (BENCH.md): batched decode B=8 %.2fx, B=32 %.2fx\n",
                    b8 / 291, b32 / 384 }'
     fi
+fi
+
+# ---- pp512 / tg128 side by side with llama.cpp's llama-bench (PEER_BENCH) ----
+if [ -n "${PEER_BENCH:-}" ]; then
+    rounds=${PEER_ROUNDS:-3}
+    echo "== pp512/tg128 side by side: ours vs $PEER_BENCH ($THREADS threads, A B A B x $rounds)"
+    ours_pp=() ours_tg=() peer_pp=() peer_tg=()
+    for ((r = 1; r <= rounds; r++)); do
+        out=$("$BUILD/llm-bench" -m "$MODEL" -t "$THREADS" --reps 1 --bw-mb 256)
+        ours_pp+=("$(sed -n 's/^pp512: \([0-9.]*\) tok\/s.*/\1/p' <<<"$out")")
+        ours_tg+=("$(sed -n 's/^tg128: \([0-9.]*\) tok\/s.*/\1/p' <<<"$out")")
+        # llama-bench -o jsonl: one line per test; avg_ts is tokens per second
+        pout=$("$PEER_BENCH" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r 1 -o jsonl 2>/dev/null)
+        read -r ppp ptg < <(python3 -c '
+import json, sys
+pp = tg = 0.0
+for line in sys.stdin:
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    j = json.loads(line)
+    if j.get("n_prompt", 0) > 0 and j.get("n_gen", 0) == 0:
+        pp = j["avg_ts"]
+    elif j.get("n_gen", 0) > 0 and j.get("n_prompt", 0) == 0:
+        tg = j["avg_ts"]
+print(pp, tg)' <<<"$pout")
+        peer_pp+=("$ppp") peer_tg+=("$ptg")
+        echo "round $r: ours pp512 ${ours_pp[-1]} tg128 ${ours_tg[-1]} | peer pp512 $ppp tg128 $ptg tok/s"
+    done
+    python3 - "$commit" "$cpu" "$THREADS" "${ours_pp[*]}" "${ours_tg[*]}" "${peer_pp[*]}" \
+        "${peer_tg[*]}" <<'PY'
+import json, os, socket, statistics as st, sys, time
+commit, cpu, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+op, ot, pp, pt = ([float(v) for v in a.split()] for a in sys.argv[4:8])
+m = {k: st.median(v) if v else 0.0 for k, v in
+     {"ours_pp": op, "ours_tg": ot, "peer_pp": pp, "peer_tg": pt}.items()}
+print("medians: ours pp512 %.1f tg128 %.1f | llama.cpp pp512 %.1f tg128 %.1f tok/s"
+      % (m["ours_pp"], m["ours_tg"], m["peer_pp"], m["peer_tg"]))
+if m["peer_pp"] > 0 and m["peer_tg"] > 0:
+    print("ratio ours / llama.cpp (same run, %d threads): pp512 %.2fx, tg128 %.2fx"
+          % (threads, m["ours_pp"] / m["peer_pp"], m["ours_tg"] / m["peer_tg"]))
+rec = {"timestamp": int(time.time()), "label": commit, "bench": "peer_pp_tg",
+       "host": socket.gethostname(), "cpu": cpu, "threads": threads,
+       "load_avg_1m": os.getloadavg()[0], "rounds": len(op), **m,
+       "ours_pp_all": op, "ours_tg_all": ot, "peer_pp_all": pp, "peer_tg_all": pt}
+with open("bench/results/engine.jsonl", "a") as f:
+    f.write(json.dumps(rec) + "\n")
+PY
 fi
 
 # ---- 3 and 4: end to end through lighttpd + llm-fcgi + llm-engine (BENCH.md items 3 and 4) ----

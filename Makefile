@@ -47,7 +47,7 @@ TINY_MODELS := $(if $(wildcard tests/tools/mkgguf.c),$(TINY_TYPES:%=$(BUILD)/tes
 DEGEN_KINDS  := sentence line tokens unterminated toolcall
 DEGEN_MODELS := $(if $(and $(wildcard tests/tools/mkgguf.c),$(wildcard $(MODEL))),$(DEGEN_KINDS:%=$(BUILD)/tests/models/degenerate-%.gguf),)
 
-.PHONY: all setup model test check asan tsan valgrind fuzz bench cuda format format-check clean help run
+.PHONY: all setup model test check asan tsan valgrind soak fuzz bench cuda format format-check clean help run
 all: $(BINS) $(UNIT_BINS) $(TOOL_BINS) $(BENCH_BINS) $(TINY_MODELS) $(DEGEN_MODELS)
 
 $(BUILD)/%.o: %.c
@@ -122,6 +122,13 @@ tsan: setup model
 valgrind: setup model all
 	@BUILD=$(BUILD) MODEL=$(MODEL) VENV=$(VENV) tests/run.sh --valgrind
 
+# soak: the fault and soak test (tests/soak/soak.py, loopback only, a few minutes): 64 clients in
+# three waves through lighttpd + 3 workers + an engine that spills, a worker killed and the engine
+# restarted once; counts by outcome, faults, leaks. SOAK_ARGS: e.g. --clients 16 --per-client 2.
+SOAK_ARGS ?=
+soak: setup model all
+	@BUILD=$(BUILD) MODEL=$(MODEL) timeout 600 $(PYTHON) tests/soak/soak.py $(SOAK_ARGS)
+
 # ---- Fuzzing (clang libFuzzer), FUZZ_SECONDS per harness ----
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_BINS := $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
@@ -187,6 +194,7 @@ clean:
 	rm -rf build
 
 help:
-	@echo "targets: all setup model test check asan tsan valgrind fuzz bench cuda run format format-check clean"
+	@echo "targets: all setup model test check asan tsan valgrind soak fuzz bench cuda run format format-check clean"
+	@echo "  soak: fault and soak test (64 clients, a worker killed, the engine restarted; <= 10 min; SOAK_ARGS)"
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

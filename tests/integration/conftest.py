@@ -191,7 +191,8 @@ def api_stack(fcgi_bin, model_path):
     under spawn-fcgi, lighttpd from examples/lighttpd.conf. Tests must leave it as they found it
     (no engine restarts or killed workers here: those tests build their own with make_stack)."""
     from stack import Stack
-    s = Stack(name="api").start()
+    # Requests may lower guards (tests that measure streaming switch the content guards off).
+    s = Stack(name="api", worker_flags=["--allow-request-guard-overrides"]).start()
     yield s
     s.stop()
 

@@ -62,7 +62,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 os.environ.setdefault("ENGINE_THREADS", "2")
 
-from engine_util import scaled  # noqa: E402
+from engine_util import SLOWDOWN, scaled  # noqa: E402
 from stack import Stack, Stream, eog_bias, request  # noqa: E402
 
 KEY = "sk-soak-4d1c9a77e0b2"
@@ -698,13 +698,14 @@ class Soak:
                 self.bad.append(f"{name} died during waves 2-3")
                 continue
             d = end[name]["fds"] - base[name]["fds"]
-            if d != 0:
+            if d > 0:  # fewer than after wave 1: a connection was still closing then
                 self.leaks["descriptors"] += max(d, 0)
                 self.bad.append(f"{name}: fds {base[name]['fds']} -> {mid[name]['fds']} -> "
                                 f"{end[name]['fds']}")
         for name in mid:
             a, b = mid[name]["rss_kb"] / 1024, end[name]["rss_kb"] / 1024
-            if b - a > RSS_TOL_MB + a * RSS_TOL_PCT / 100:
+            # ASan/TSan hold freed memory in quarantine and shadow: RSS says nothing there.
+            if b - a > RSS_TOL_MB + a * RSS_TOL_PCT / 100 and SLOWDOWN == 1:
                 self.leaks["rss_growth"] += 1
                 self.bad.append(f"{name}: RSS {a:.1f} -> {b:.1f} MiB over a second identical wave")
         self.final_checks()

@@ -23,7 +23,7 @@
 
 #define HANDSHAKE_FACTOR 12 /* HELLO -> MODEL_INFO waits 12x the connect timeout (60 s) */
 #define BACKOFF_FIRST_MS 100
-#define BACKOFF_MAX_MS 5000
+#define BACKOFF_MAX_MS 1000 /* a restarted engine is found within a second */
 
 struct fcgi_engine {
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];

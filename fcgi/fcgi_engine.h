@@ -7,7 +7,7 @@
  *
  * Backoff: when a connect fails (no socket, refused, a connection closed or a bad answer
  * instead of MODEL_INFO), the engine is marked down; for the next backoff interval (100 ms doubling
- * to 5 s) connects fail at once with -EHOSTDOWN without touching the socket, so a dead engine costs
+ * to 1 s) connects fail at once with -EHOSTDOWN without touching the socket, so a dead engine costs
  * the workers nothing; the first connect after the interval tries again, and a success resets the
  * backoff. Callers answer -EHOSTDOWN with 503 and Retry-After: fcgi_engine_retry_after_s().
  * A connected engine that does not answer HELLO within 12x the connect timeout (60 s by default:

@@ -581,7 +581,7 @@ class Soak:
             self.ctl_error = e
 
     def recover(self):
-        """After the engine restart the workers back off (100 ms doubling to 5 s) and answer 503
+        """After the engine restart the workers back off (100 ms doubling to 1 s) and answer 503
         "the engine is unavailable" with Retry-After until their next connect attempt. A client
         honours Retry-After: so does this probe, until 2 x processes requests in a row succeed
         (every surviving worker has reconnected). Bounded; reports how long it took."""

@@ -381,7 +381,7 @@ test_fcgi_engine_backoff_then_recovers(void **state)
 }
 
 static void
-test_fcgi_engine_backoff_caps_at_5s(void **state)
+test_fcgi_engine_backoff_caps_at_1s(void **state)
 {
     (void)state;
     char path[108];
@@ -396,9 +396,17 @@ test_fcgi_engine_backoff_caps_at_5s(void **state)
         fake_now_ns += 10ull * 1000000000ull; /* past any interval */
     }
     assert_int_equal(fcgi_engine_connect(e, &c), -EHOSTDOWN);
-    assert_int_equal(fcgi_engine_retry_after_s(e), 5);
-    fake_now_ns += 4999 * 1000000ull;
     assert_int_equal(fcgi_engine_retry_after_s(e), 1);
+    /* The engine comes back: refused while the interval runs, found once 1 s has passed. */
+    struct fake fk;
+    fake_start(&fk, path, FAKE_OK);
+    fake_now_ns += 999 * 1000000ull;
+    assert_int_equal(fcgi_engine_connect(e, &c), -EHOSTDOWN);
+    fake_now_ns += 2 * 1000000ull;
+    assert_int_equal(fcgi_engine_connect(e, &c), 0);
+    assert_true(fcgi_engine_is_up(e));
+    fcgi_engine_conn_close(c);
+    fake_stop(&fk);
     fcgi_engine_free(e);
 }
 
@@ -530,7 +538,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fcgi_engine_connect_ok),
         cmocka_unit_test(test_fcgi_engine_backoff_then_recovers),
-        cmocka_unit_test(test_fcgi_engine_backoff_caps_at_5s),
+        cmocka_unit_test(test_fcgi_engine_backoff_caps_at_1s),
         cmocka_unit_test(test_fcgi_engine_garbage_is_eproto),
         cmocka_unit_test(test_fcgi_engine_error_answer_is_eproto),
         cmocka_unit_test(test_fcgi_engine_cut_frame_is_econnreset),

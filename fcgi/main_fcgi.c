@@ -252,6 +252,10 @@ read_body(FCGX_Request *req, size_t max, struct fcgi_http *h)
             cap = ncap;
         }
         size_t room = cap - 1 - len;
+        if (cl && cl[0] && len == want)
+            break; /* CGI: the body is CONTENT_LENGTH bytes; anything after it is not read */
+        if (cl && cl[0] && room > want - len)
+            room = want - len;
         int n = FCGX_GetStr(buf + len, room > (size_t)INT_MAX ? INT_MAX : (int)room, req->in);
         if (n <= 0)
             break;

@@ -32,7 +32,7 @@ req() {
     local body=$3
     env -i REQUEST_METHOD="$1" REQUEST_URI="$2" SCRIPT_NAME="$2" CONTENT_TYPE=application/json \
         CONTENT_LENGTH=${#body} HTTP_AUTHORIZATION="Bearer $4" \
-        timeout 600 cgi-fcgi -bind -connect "$dir/w.sock" <<<"$body"
+        timeout 600 cgi-fcgi -bind -connect "$dir/w.sock" < <(printf '%s' "$body")
 }
 expect() { # NAME PATTERN TEXT
     if grep -q -- "$2" <<<"$3"; then echo "  ok: $1"; else echo "  FAILED: $1: ${3:0:400}"; fail=1; fi

@@ -357,3 +357,56 @@ def test_long_legitimate_answer_trips_nothing(api_stack, model_id, prompt):
     assert "stop_reason" not in c and "tool_loop_capped" not in c, c
     assert r.json()["usage"]["completion_tokens"] > 200, r
     assert api_stack.stats()["guard_trips"] == before
+
+
+# ---- A guard trip on a sequence that was spilled to disk and restored ----
+
+def test_guard_trip_after_spill_and_restore(degen, make_stack, tmp_path):
+    """GUARDS.md and issue 6: with a KV cache far too small for the load, sequences are spilled
+    to disk and restored before their guard trips; the worker's CANCEL still reaches the restored
+    sequence (re-bound by request id): every response ends by the guard, the engine generated
+    exactly what usage reports, and nothing is left running, in KV or on disk."""
+    import concurrent.futures
+    path, meta = degen_model("line")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    repeats = 12  # line_repeat trips at the 12th identical line: late enough to spill first
+    s = make_stack(name="gspill", model=path, processes=1, threads=24,
+                   engine_flags=[*ENGINE_FLAGS, "--kv-cache-mb", "1", "--spill-dir", str(spill)],
+                   worker_flags=["--guard-line-repeat", str(repeats),
+                                 "--guard-sentence-loop", "0"])
+    st0 = s.stats()
+    n_blocks = st0["kv_blocks_total"]
+    model_id = request(s.url, "GET", "/v1/models").json()["data"][0]["id"]
+    trip = trip_tokens("line_repeat", meta, repeats)
+    # Short prompts: admission (prompt + watermark) lets many sequences in, and their growth up
+    # to the trip point needs about twice the cache, so the scheduler must preempt (spill).
+    words = " ".join(f"w{i}" for i in range(12))
+    n_req = 24
+    need = n_req * ((40 + trip) // 16 + 1)
+    assert need > 2 * n_blocks, (need, n_blocks)
+
+    def one(i):
+        return request(s.url, "POST", "/v1/completions",
+                       {"model": model_id, "prompt": f"{i} {words}", "temperature": 0},
+                       timeout=scaled(300))
+
+    with concurrent.futures.ThreadPoolExecutor(n_req) as pool:
+        results = list(pool.map(one, range(n_req)))
+    total = 0
+    for r in results:
+        assert r.status == 200, r
+        o = r.json()
+        finish_fields(o["choices"][0], "line_repeat")
+        ct = o["usage"]["completion_tokens"]
+        assert trip - len_tolerance("line_repeat") <= ct <= trip + SLACK_TOKENS, (trip, o["usage"])
+        total += ct
+    st = s.stats()
+    print({k: st[k] for k in ("kv_blocks_total", "spills", "restores", "preemptions")})
+    assert st["spills"] > st0["spills"] and st["restores"] > st0["restores"], st
+    assert st["generated_tokens"] - st0["generated_tokens"] == total, (st, total)
+    assert st["guard_trips"]["line_repeat"] - st0["guard_trips"]["line_repeat"] == n_req, st
+    assert st["running"] == 0 and st["queued"] == 0 and st["kv_blocks_used"] == 0, st
+    assert st["spill_on_disk"] == 0, st
+    assert not any(spill.rglob("*")) or all(p.is_dir() for p in spill.rglob("*")), \
+        list(spill.rglob("*"))

@@ -216,6 +216,11 @@ struct client {
     char *in;                      /* HTTP bytes received */
     size_t in_len, in_cap, in_off; /* in_off: next unparsed byte of the body */
     bool headers_done;
+    /* Transfer-Encoding: chunked (llama-server sends it even to HTTP/1.0): the body is decoded in
+     * place, in[body_start..body_end) holding decoded bytes, raw_off the next raw byte. */
+    bool chunked;
+    size_t body_end, raw_off, chunk_left;
+    int skip_crlf;
     uint64_t t_send, t_last, t_deadline;
     int n_events;
     long completion_tokens, prompt_tokens;
@@ -294,6 +299,9 @@ client_start(struct load *L, struct client *c)
     c->completion_tokens = c->prompt_tokens = 0;
     c->headers_done = false;
     c->in_len = c->in_off = 0;
+    c->chunked = false;
+    c->body_end = c->raw_off = c->chunk_left = 0;
+    c->skip_crlf = 0;
     char *prompt = make_prompt(c->req, o->prompt_words);
     int rc = 0;
     if (L->t.http) {
@@ -401,6 +409,42 @@ out:
     return rc;
 }
 
+/* Decodes the chunked body bytes that arrived, moving them down to body_end. Returns 0, or -1 on
+ * a malformed chunk header. */
+static int
+dechunk(struct client *c)
+{
+    while (c->raw_off < c->in_len) {
+        if (c->chunk_left > 0) {
+            size_t n =
+                c->in_len - c->raw_off < c->chunk_left ? c->in_len - c->raw_off : c->chunk_left;
+            memmove(c->in + c->body_end, c->in + c->raw_off, n);
+            c->body_end += n;
+            c->raw_off += n;
+            c->chunk_left -= n;
+            if (c->chunk_left == 0)
+                c->skip_crlf = 2;
+        } else if (c->skip_crlf > 0) {
+            c->raw_off++;
+            c->skip_crlf--;
+        } else {
+            char *e = memmem(c->in + c->raw_off, c->in_len - c->raw_off, "\r\n", 2);
+            if (!e)
+                break;
+            char *end = NULL;
+            unsigned long n = strtoul(c->in + c->raw_off, &end, 16);
+            if (end == c->in + c->raw_off)
+                return -1;
+            c->raw_off = (size_t)(e + 2 - c->in);
+            c->chunk_left = n;
+            if (n == 0) /* the last chunk: the body ends (a trailer may follow) */
+                c->raw_off = c->in_len;
+        }
+    }
+    c->in[c->body_end] = 0;
+    return 0;
+}
+
 /* Parses what arrived; returns 1 when the response is complete, 0 to go on, -1 on failure. */
 static int
 http_parse(struct load *L, struct client *c, uint64_t now)
@@ -413,10 +457,18 @@ http_parse(struct load *L, struct client *c, uint64_t now)
             return -1;
         c->headers_done = true;
         c->in_off = (size_t)(e + 4 - c->in);
+        *e = 0;
+        c->chunked = strcasestr(c->in, "\ntransfer-encoding: chunked") != NULL;
+        *e = '\r';
+        c->body_end = c->raw_off = c->in_off;
     }
+    if (!c->chunked)
+        c->body_end = c->in_len;
+    else if (dechunk(c) < 0)
+        return -1;
     for (;;) {
         char *s = c->in + c->in_off;
-        char *e = memmem(s, c->in_len - c->in_off, "\n\n", 2);
+        char *e = memmem(s, c->body_end - c->in_off, "\n\n", 2);
         if (!e)
             return 0;
         *e = 0;

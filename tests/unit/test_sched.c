@@ -1868,13 +1868,13 @@ test_sched_spill_faults_every_call(void **state)
     for (size_t o = 0; o < sizeof(ops) / sizeof(ops[0]); o++)
         for (int e = 0; e < 3; e++) /* ENOSPC, EIO, a short write */
             for (long n = 1;; n++) {
+                bool short_w = e == 2;
+                if (short_w && ops[o] != SPILL_OP_WRITE)
+                    break; /* before anything is allocated */
                 struct h *h = h_new(12, 512, 4, 32);
                 struct sp sp;
                 sp_open(&sp, h);
                 int fds = count_fds();
-                bool short_w = e == 2;
-                if (short_w && ops[o] != SPILL_OP_WRITE)
-                    break;
                 spill_fault_init(&sp.f, &sp.base, ops[o], n, short_w ? EIO : errs[e], false,
                                  short_w);
                 uint64_t ids[6];
@@ -2054,6 +2054,359 @@ test_sched_spill_budget_falls_back(void **state)
     rmdir(dir);
 }
 
+/* ---- Victim choice ---- */
+
+/*
+ * An independent model of the victim rules of sched.h (step 2), checked at every preemption of the
+ * tests below: a sequence re-admitted after a preemption is immune while it has generated fewer
+ * than ENG_SCHED_IMMUNITY tokens since; the victim is a non-immune running sequence unless every
+ * one is immune, then a paused one, then the one with the fewest computed positions (least
+ * progress). The latest-admitted tie-break is not modelled: equal keys are accepted either way.
+ */
+#define VT_MAX_D (3 * ENG_SCHED_IMMUNITY)
+
+struct vt_seq {
+    bool running;
+    bool paused;
+    bool immune;
+    int n_computed;
+    int n_generated;
+    int n_preempted;
+    int sampled;
+};
+
+struct vt {
+    struct vt_seq before[MAX_IDS];
+    int readmit_gen[MAX_IDS]; /* n_generated at its latest re-admission; -1: never re-admitted */
+    int readmits;
+    int preemptions;
+    int all_immune; /* preemptions with every candidate immune */
+    /* A re-admitted candidate with strictly the least progress while another, non-immune one ran,
+     * by d = tokens generated since its re-admission: passed over, or chosen. */
+    int least_passed[VT_MAX_D + 1];
+    int least_chosen[VT_MAX_D + 1];
+    uint64_t last_victim; /* the victim of the latest preemption */
+};
+
+static void
+vt_init(struct vt *vt)
+{
+    memset(vt, 0, sizeof(*vt));
+    for (int i = 0; i < MAX_IDS; i++)
+        vt->readmit_gen[i] = -1;
+}
+
+/* Whether c goes before v as a victim. */
+static bool
+vt_before(const struct vt_seq *c, const struct vt_seq *v)
+{
+    if (c->immune != v->immune)
+        return !c->immune;
+    if (c->paused != v->paused)
+        return c->paused;
+    return c->n_computed < v->n_computed;
+}
+
+static int
+vt_preempted_now(const struct h *h, uint64_t id)
+{
+    struct eng_sched_seq_info info;
+    if (h->recs[id].n_done)
+        return h->recs[id].done.n_preempted;
+    assert_int_equal(eng_sched_seq_info(h->s, id, &info), 0);
+    return info.n_preempted;
+}
+
+static void
+vt_snapshot(struct vt *vt, const struct h *h)
+{
+    for (uint64_t id = 1; id < MAX_IDS; id++) {
+        struct vt_seq *b = &vt->before[id];
+        struct eng_sched_seq_info info;
+        b->running = false;
+        if (!h->recs[id].used || h->recs[id].n_done)
+            continue;
+        assert_int_equal(eng_sched_seq_info(h->s, id, &info), 0);
+        b->running = info.state != ENG_SCHED_QUEUED;
+        b->paused = info.paused;
+        b->n_computed = info.n_computed;
+        b->n_generated = info.n_generated;
+        b->n_preempted = info.n_preempted;
+        b->sampled = sampled_count(h, id);
+        b->immune =
+            vt->readmit_gen[id] >= 0 && info.n_generated < vt->readmit_gen[id] + ENG_SCHED_IMMUNITY;
+    }
+}
+
+/* Records where a least-progress re-admitted candidate stood against the victims of this step. */
+static void
+vt_note_least(struct vt *vt, const bool *victim)
+{
+    uint64_t least = 0;
+    bool tie = false, other_mortal = false;
+    for (uint64_t id = 1; id < MAX_IDS; id++) {
+        const struct vt_seq *c = &vt->before[id];
+        if (!c->running)
+            continue;
+        if (least == 0 || c->n_computed < vt->before[least].n_computed) {
+            least = id;
+            tie = false;
+        } else if (c->n_computed == vt->before[least].n_computed) {
+            tie = true;
+        }
+    }
+    if (least == 0 || tie || vt->readmit_gen[least] < 0 || vt->before[least].paused)
+        return;
+    for (uint64_t id = 1; id < MAX_IDS; id++)
+        if (id != least && vt->before[id].running && !vt->before[id].immune &&
+            !vt->before[id].paused)
+            other_mortal = true;
+    int d = vt->before[least].n_generated - vt->readmit_gen[least];
+    if (!other_mortal || d < 0 || d > VT_MAX_D)
+        return;
+    if (victim[least])
+        vt->least_chosen[d]++;
+    else
+        vt->least_passed[d]++;
+}
+
+/* One unchecked-pace tick (h_step_ex(h, false)) with the victim rules checked. */
+static void
+h_step_vt(struct h *h, struct vt *vt)
+{
+    static bool victim[MAX_IDS];
+    vt_snapshot(vt, h);
+    h_step_ex(h, false);
+    int n_victims = 0, n_cand = 0, n_immune = 0;
+    for (uint64_t id = 1; id < MAX_IDS; id++) {
+        const struct vt_seq *b = &vt->before[id];
+        victim[id] = false;
+        if (!b->running)
+            continue;
+        n_cand++;
+        n_immune += b->immune;
+        int np = vt_preempted_now(h, id);
+        assert_true(np == b->n_preempted || np == b->n_preempted + 1);
+        victim[id] = np > b->n_preempted;
+        n_victims += victim[id];
+        if (victim[id])
+            vt->last_victim = id;
+    }
+    for (uint64_t v = 1; v < MAX_IDS; v++) {
+        if (!victim[v])
+            continue;
+        for (uint64_t c = 1; c < MAX_IDS; c++) {
+            if (!vt->before[c].running || victim[c] || !vt_before(&vt->before[c], &vt->before[v]))
+                continue;
+            print_error("victim seq %llu (immune %d, paused %d, computed %d) chosen over seq %llu "
+                        "(immune %d, paused %d, computed %d)\n",
+                        (unsigned long long)v, vt->before[v].immune, vt->before[v].paused,
+                        vt->before[v].n_computed, (unsigned long long)c, vt->before[c].immune,
+                        vt->before[c].paused, vt->before[c].n_computed);
+            fail();
+        }
+    }
+    if (n_victims > 0) {
+        vt->preemptions += n_victims;
+        if (n_immune == n_cand)
+            vt->all_immune++;
+        vt_note_least(vt, victim);
+    }
+    /* Re-admissions in this step (a victim may even come back in the step it was preempted). */
+    for (uint64_t id = 1; id < MAX_IDS; id++) {
+        struct eng_sched_seq_info info;
+        const struct vt_seq *b = &vt->before[id];
+        if (!h->recs[id].used || h->recs[id].n_done || (b->running && !victim[id]))
+            continue;
+        assert_int_equal(eng_sched_seq_info(h->s, id, &info), 0);
+        if (info.state == ENG_SCHED_QUEUED || info.n_preempted == 0)
+            continue;
+        vt->readmit_gen[id] = info.n_generated - (sampled_count(h, id) - b->sampled);
+        vt->readmits++;
+    }
+}
+
+/* Steps until every submitted request is done (bounded), checking the victim rules. */
+static void
+h_run_all_vt(struct h *h, struct vt *vt)
+{
+    struct eng_sched_stats st;
+    for (int i = 0; i < 100000; i++) {
+        eng_sched_get_stats(h->s, &st);
+        if (st.running == 0 && st.queued == 0)
+            break;
+        h_step_vt(h, vt);
+    }
+    eng_sched_get_stats(h->s, &st);
+    assert_int_equal(st.running + st.queued, 0);
+    assert_int_equal(eng_kv_pool_n_free(h->kv), eng_kv_pool_n_blocks(h->kv));
+}
+
+/* Three decoding sequences fill the pool (2 + 2 + 3 blocks, none free). A (30 tokens) is the first
+ * to need a block (its 33rd position, 3 tokens in); the victim is B, the one with the fewest
+ * computed positions: neither the first nor the latest admitted, nor the one that needs the block.
+ */
+static void
+test_sched_victim_least_progress(void **state)
+{
+    (void)state;
+    struct eng_sched_config cfg;
+    eng_sched_config_default(&cfg);
+    cfg.max_seqs = 4;
+    cfg.max_batch_tokens = 128;
+    cfg.watermark_blocks = 0;
+    struct h *h = h_new_cfg(7, 512, &cfg);
+    struct vt *vt = malloc(sizeof(*vt));
+    assert_non_null(vt);
+    vt_init(vt);
+    struct eng_sampler_params gp = greedy(), sp = sampled(313);
+    uint64_t a = h_submit(h, 30, 310, 40, &gp);
+    uint64_t b = h_submit(h, 20, 311, 40, &sp);
+    uint64_t c = h_submit(h, 40, 312, 40, &gp);
+    for (int t = 0; t < 100 && vt->preemptions == 0; t++)
+        h_step_vt(h, vt);
+    assert_int_equal(vt->preemptions, 1);
+    assert_int_equal(vt->last_victim, b);
+    struct eng_sched_seq_info ia, ib, ic;
+    assert_int_equal(eng_sched_seq_info(h->s, a, &ia), 0);
+    assert_int_equal(eng_sched_seq_info(h->s, b, &ib), 0);
+    assert_int_equal(eng_sched_seq_info(h->s, c, &ic), 0);
+    assert_int_equal(ib.state, ENG_SCHED_QUEUED);
+    assert_int_equal(ib.n_preempted, 1);
+    assert_int_equal(ia.n_preempted + ic.n_preempted, 0);
+    assert_int_equal(ia.state, ENG_SCHED_DECODE);
+    assert_int_equal(ic.state, ENG_SCHED_DECODE);
+    /* Same tokens generated until then (A and C one more in the tick): progress is the prompt. */
+    assert_true(ia.n_generated == ic.n_generated && ib.n_generated + 1 == ia.n_generated);
+    h_run_all_vt(h, vt);
+    assert_matches_ref(h, a);
+    assert_matches_ref(h, b);
+    assert_matches_ref(h, c);
+    free(vt);
+    h_free(h);
+}
+
+/* What one run of the immunity workload did. */
+struct vt_run {
+    int n_preempted[3]; /* X, R, G */
+    bool r_on_disk;     /* R was seen spilled */
+    struct eng_sched_stats st;
+};
+
+/*
+ * The immunity workload: X (111 tokens) and R (pr tokens, the least progress throughout) decode
+ * beside G (116 tokens, 20 to generate) in a pool of their blocks plus slack. At 13 tokens (slack
+ * 2) R is the victim (spilled with a spill store: it has two blocks of positions); G's end frees
+ * room and R comes back (restored) with 13 tokens, then decodes beside X until the pool runs out
+ * again: with pr 21 when R has generated 63 tokens since, with pr 20 when it has generated 64.
+ * With slack 0 X and R are both preempted early and come back together, and the pool runs out
+ * while both are immune. Every preemption is checked against the model of the rules, and every
+ * request against its reference.
+ */
+static void
+vt_immunity_run(int pr, int slack, bool spill, struct vt *vt, struct vt_run *out)
+{
+    struct eng_sched_config cfg;
+    eng_sched_config_default(&cfg);
+    cfg.max_seqs = 4;
+    cfg.max_batch_tokens = 256;
+    cfg.watermark_blocks = 0;
+    int n_blocks = eng_kv_blocks_for(111) + eng_kv_blocks_for(pr) + eng_kv_blocks_for(116) + slack;
+    struct h *h = h_new_cfg(n_blocks, 512, &cfg);
+    struct sp sp;
+    if (spill)
+        sp_open(&sp, h);
+    vt_init(vt);
+    memset(out, 0, sizeof(*out));
+    struct eng_sampler_params gp = greedy(), smp = sampled(321);
+    uint64_t ids[3];
+    ids[0] = h_submit(h, 111, 320, 150, &gp);
+    ids[1] = h_submit(h, pr, 321, 150, &smp);
+    ids[2] = h_submit(h, 116, 322, 20, &gp);
+    struct eng_sched_stats st;
+    for (int i = 0; i < 100000; i++) {
+        struct eng_sched_seq_info info;
+        eng_sched_get_stats(h->s, &st);
+        if (st.running == 0 && st.queued == 0)
+            break;
+        h_step_vt(h, vt);
+        if (!h->recs[ids[1]].n_done && eng_sched_seq_info(h->s, ids[1], &info) == 0 && info.on_disk)
+            out->r_on_disk = true;
+    }
+    eng_sched_get_stats(h->s, &out->st);
+    assert_int_equal(out->st.running + out->st.queued, 0);
+    assert_int_equal(eng_kv_pool_n_free(h->kv), eng_kv_pool_n_blocks(h->kv));
+    for (int i = 0; i < 3; i++) {
+        assert_matches_ref(h, ids[i]);
+        out->n_preempted[i] = h->recs[ids[i]].done.n_preempted;
+    }
+    assert_true(vt->readmit_gen[ids[1]] >= 0); /* R came back after a preemption */
+    if (spill) {
+        assert_true(out->r_on_disk);
+        assert_true(out->st.restores >= 1);
+        assert_int_equal(out->st.restores, out->st.spills);
+        assert_int_equal(out->st.recompute_fallbacks, 0);
+    }
+    h_free(h);
+    if (spill)
+        sp_close(&sp);
+}
+
+/* A sequence re-admitted after a preemption (recomputed, or restored from disk) is passed over
+ * while it has generated fewer than ENG_SCHED_IMMUNITY tokens since, though it has the least
+ * progress, for one that is not immune; from that many tokens on it is a victim again. */
+static void
+test_sched_restored_sequence_is_immune_for_64_tokens(void **state)
+{
+    (void)state;
+    _Static_assert(ENG_SCHED_IMMUNITY == 64, "the workload is tuned to 64 tokens");
+    struct vt *vt = malloc(sizeof(*vt));
+    assert_non_null(vt);
+    struct vt_run run;
+    for (int spill = 0; spill < 2; spill++) {
+        /* 63 tokens after its return: immune, X (far more progress) goes instead. */
+        vt_immunity_run(21, 2, spill, vt, &run);
+        assert_int_equal(vt->least_passed[ENG_SCHED_IMMUNITY - 1], 1);
+        for (int d = 0; d <= VT_MAX_D; d++)
+            assert_int_equal(vt->least_chosen[d], 0);
+        assert_int_equal(vt->all_immune, 0);
+        assert_int_equal(run.n_preempted[0], 1); /* X */
+        assert_int_equal(run.n_preempted[1], 1); /* R: only before its return */
+        assert_int_equal(run.n_preempted[2], 0);
+        /* 64 tokens after its return: no longer immune, R goes again. */
+        vt_immunity_run(20, 2, spill, vt, &run);
+        assert_int_equal(vt->least_chosen[ENG_SCHED_IMMUNITY], 1);
+        for (int d = 0; d <= VT_MAX_D; d++)
+            assert_int_equal(vt->least_passed[d], 0);
+        assert_int_equal(vt->all_immune, 0);
+        assert_int_equal(run.n_preempted[0], 0);
+        assert_int_equal(run.n_preempted[1], 2);
+        assert_int_equal(run.n_preempted[2], 0);
+    }
+    free(vt);
+}
+
+/* When every candidate is immune one is still preempted (the least progress among them): the
+ * scheduler goes on and every request finishes with its reference output. */
+static void
+test_sched_all_immune_still_preempts(void **state)
+{
+    (void)state;
+    struct vt *vt = malloc(sizeof(*vt));
+    assert_non_null(vt);
+    struct vt_run run;
+    for (int spill = 0; spill < 2; spill++) {
+        vt_immunity_run(20, 0, spill, vt, &run);
+        assert_int_equal(vt->all_immune, 1);
+        assert_int_equal(vt->last_victim, 2); /* R, the least progress of the immune X and R */
+        assert_int_equal(run.n_preempted[0], 1);
+        assert_int_equal(run.n_preempted[1], 2);
+        assert_int_equal(run.n_preempted[2], 0);
+        assert_int_equal(run.st.finished, 3);
+    }
+    free(vt);
+}
+
 int
 main(void)
 {
@@ -2096,6 +2449,9 @@ main(void)
         cmocka_unit_test(test_sched_spill_corrupt_file_recomputes),
         cmocka_unit_test(test_sched_spill_cancel_on_disk),
         cmocka_unit_test(test_sched_spill_budget_falls_back),
+        cmocka_unit_test(test_sched_victim_least_progress),
+        cmocka_unit_test(test_sched_restored_sequence_is_immune_for_64_tokens),
+        cmocka_unit_test(test_sched_all_immune_still_preempts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

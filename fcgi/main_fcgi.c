@@ -252,8 +252,18 @@ read_body(FCGX_Request *req, size_t max, struct fcgi_http *h)
             cap = ncap;
         }
         size_t room = cap - 1 - len;
-        if (cl && cl[0] && len == want)
-            break; /* CGI: the body is CONTENT_LENGTH bytes; anything after it is not read */
+        if (cl && cl[0] && len == want) {
+            /* CGI: the body is CONTENT_LENGTH bytes. What follows is read and dropped up to the
+             * end of the stream: the end-of-stdin record must be consumed, or the connection
+             * stays readable and the client-disconnect poll would fire at once. */
+            char scratch[4096];
+            size_t extra = 0;
+            int d;
+            while (extra < DRAIN_MAX_BYTES &&
+                   (d = FCGX_GetStr(scratch, (int)sizeof(scratch), req->in)) > 0)
+                extra += (size_t)d;
+            break;
+        }
         if (cl && cl[0] && room > want - len)
             room = want - len;
         int n = FCGX_GetStr(buf + len, room > (size_t)INT_MAX ? INT_MAX : (int)room, req->in);

@@ -107,20 +107,58 @@ quant_task(void *ctx, int ith, int nth)
     }
 }
 
-#define MM_MAX 4 /* matrices per kern_matmul_multi pool run */
+#define MM_MAX 4     /* matrices per kern_matmul_multi pool run */
+#define MM_RANGES 16 /* home ranges of a run (threads beyond share them) */
+
+/* One thread's home range of chunks, [front, back) packed as back << 32 | front: the owner claims
+ * from the front, so its rows stream through memory in order (one stream per thread for the
+ * hardware prefetchers); a thread whose own range is empty claims from the back of the others'. */
+struct mm_range {
+    _Alignas(64) _Atomic uint64_t fb;
+};
 
 /* The row chunks of up to MM_MAX matrices sharing one activation; chunk c of the run belongs to
- * matrix i with first[i] <= c < first[i + 1]. */
+ * matrix i with first[i] <= c < first[i + 1]. The chunks are split into n_ranges contiguous home
+ * ranges. Which thread computes a chunk changes no bit of the result. */
 struct rows_task {
     struct kern_cpu_mm mm[MM_MAX];
     kern_cpu_rows_fn fn[MM_MAX];
     int64_t chunk[MM_MAX];
     int64_t first[MM_MAX + 1];
     int n_mm;
-    _Atomic int64_t next;
+    int n_ranges;
     uint8_t *scratch;
     size_t thread_bytes;
+    struct mm_range range[MM_RANGES];
 };
+
+/* Claims the front (owner) or the back (thief) chunk of a range; -1 when it is empty. */
+static int64_t
+range_claim(struct mm_range *r, bool front)
+{
+    uint64_t fb = atomic_load_explicit(&r->fb, memory_order_relaxed);
+    for (;;) {
+        uint32_t f = (uint32_t)fb, b = (uint32_t)(fb >> 32);
+        if (f >= b)
+            return -1;
+        uint64_t nfb = front ? fb + 1 : (uint64_t)(b - 1) << 32 | f;
+        if (atomic_compare_exchange_weak_explicit(&r->fb, &fb, nfb, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return front ? f : b - 1;
+    }
+}
+
+static void
+rows_chunk(struct rows_task *rt, int64_t c, void *scratch)
+{
+    int i = 0;
+    while (c >= rt->first[i + 1])
+        i++;
+    int64_t n_out = rt->mm[i].w->n_out;
+    int64_t r0 = (c - rt->first[i]) * rt->chunk[i];
+    int64_t r1 = r0 + rt->chunk[i] < n_out ? r0 + rt->chunk[i] : n_out;
+    rt->fn[i](&rt->mm[i], r0, r1, scratch);
+}
 
 static void
 rows_task(void *ctx, int ith, int nth)
@@ -128,17 +166,14 @@ rows_task(void *ctx, int ith, int nth)
     (void)nth;
     struct rows_task *rt = ctx;
     void *scratch = rt->scratch + (size_t)ith * rt->thread_bytes;
-    int i = 0;
-    for (;;) {
-        int64_t c = atomic_fetch_add_explicit(&rt->next, 1, memory_order_relaxed);
-        if (c >= rt->first[rt->n_mm])
-            break;
-        while (c >= rt->first[i + 1])
-            i++;
-        int64_t n_out = rt->mm[i].w->n_out;
-        int64_t r0 = (c - rt->first[i]) * rt->chunk[i];
-        int64_t r1 = r0 + rt->chunk[i] < n_out ? r0 + rt->chunk[i] : n_out;
-        rt->fn[i](&rt->mm[i], r0, r1, scratch);
+    int home = ith % rt->n_ranges;
+    int64_t c;
+    while ((c = range_claim(&rt->range[home], true)) >= 0)
+        rows_chunk(rt, c, scratch);
+    for (int k = 1; k < rt->n_ranges; k++) {
+        struct mm_range *r = &rt->range[(home + k) % rt->n_ranges];
+        while ((c = range_claim(r, false)) >= 0)
+            rows_chunk(rt, c, scratch);
     }
 }
 
@@ -180,6 +215,24 @@ chunk_rows(int64_t n_out, int nth, int align, int per_thread)
     int64_t c = (n_out + n - 1) / n;
     c = (c + align - 1) / align * align;
     return c > 0 ? c : align;
+}
+
+/* The claims of a run over w[0..n_w): rows per chunk of each matrix, first[i] its first chunk
+ * (first[n_w] the total); returns the number of home ranges. */
+static int
+plan_rows(const struct kern_matrix *const *w, int n_w, int nth, bool packed, int row_align,
+          int64_t *chunk, int64_t *first)
+{
+    first[0] = 0;
+    for (int i = 0; i < n_w; i++) {
+        /* Decode matmuls take microseconds: small claims of whole 16-row groups keep the
+         * threads finishing together (the last claim is what the others wait for). */
+        chunk[i] = packed ? chunk_rows(w[i]->n_out, nth, KERN_PACK_ROWS, 8)
+                          : chunk_rows(w[i]->n_out, nth, row_align, 4);
+        first[i + 1] = first[i] + (w[i]->n_out + chunk[i] - 1) / chunk[i];
+    }
+    int n_ranges = nth < MM_RANGES ? nth : MM_RANGES;
+    return n_ranges < first[n_w] ? n_ranges : (int)first[n_w];
 }
 
 /* Whether w[1..n_w) can share w[0]'s activations and pool run. */
@@ -250,13 +303,14 @@ matmul_group(struct kern_pool *pool, const struct kern_matrix *const *w, int n_w
     for (int i = 0; i < n_w; i++) {
         rt.mm[i] = (struct kern_cpu_mm){.w = w[i], .act = &act, .y = y[i], .n_tok = n_tok};
         rt.fn[i] = batched ? tops->rows_batch : packed ? tops->rows_packed : tops->rows;
-        /* Decode matmuls take microseconds: small claims of whole 16-row groups keep the
-         * threads finishing together (the last claim is what the others wait for). */
-        rt.chunk[i] = packed ? chunk_rows(w[i]->n_out, nth, KERN_PACK_ROWS, 8)
-                             : chunk_rows(w[i]->n_out, nth, iops->row_align, 4);
-        rt.first[i + 1] = rt.first[i] + (w[i]->n_out + rt.chunk[i] - 1) / rt.chunk[i];
     }
-    atomic_init(&rt.next, 0);
+    rt.n_ranges = plan_rows(w, n_w, nth, packed, iops->row_align, rt.chunk, rt.first);
+    for (int k = 0; k < rt.n_ranges;
+         k++) { /* range k: chunks [n k / n_ranges, n (k+1) / n_ranges) */
+        uint64_t f = (uint64_t)(rt.first[n_w] * k / rt.n_ranges);
+        uint64_t b = (uint64_t)(rt.first[n_w] * (k + 1) / rt.n_ranges);
+        atomic_init(&rt.range[k].fb, b << 32 | f);
+    }
     kern_pool_run(pool, rows_task, &rt);
     return 0;
 }

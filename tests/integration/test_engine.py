@@ -436,14 +436,23 @@ def test_engine_random_disconnects_leak_nothing(engines):
 # ---- A reader that never reads ----
 
 def test_engine_slow_reader_does_not_slow_others(engines):
-    stall_ms = int(scaled(4000))
-    e = engines("--kv-cache-mb", "128", "--max-seqs", "8", "--max-batch-tokens", "128",
-                "--out-buffer-kb", "1", "--max-stall-ms", str(stall_ms), "--log-level", "warn")
+    flags = ("--kv-cache-mb", "128", "--max-seqs", "8", "--max-batch-tokens", "128",
+             "--out-buffer-kb", "1", "--log-level", "warn")
     n = 32
     prompts = PROMPTS[:3]
+    # The stall limit must outlast the window in which the others run. That window is not a
+    # constant (a sanitizer build, a loaded machine), so it is sized from this machine's own
+    # speed: the references run one after another on a first engine, and the limit is four times
+    # that (the window runs them together), never under 4 s scaled.
+    r0 = engines(*flags)
+    with r0.connect() as c:
+        t0 = time.monotonic()
+        ref = [alone(c, p, n, req_id=i + 1) for i, p in enumerate(prompts)]
+        t_ref = time.monotonic() - t0
+    r0.stop()
+    stall_ms = int(max(scaled(4000), 4000 * t_ref))
+    e = engines(*flags, "--max-stall-ms", str(stall_ms))
     with e.connect() as sc, e.connect() as stuck:
-        with e.connect() as c:
-            ref = [alone(c, p, n, req_id=i + 1) for i, p in enumerate(prompts)]
         stuck.submit(1, PROMPTS[5], max_tokens=2000, logit_bias=eog_bias(stuck.info))
         # It fills the socket buffer, then its output buffer: paused, still holding its blocks.
         s0 = wait_stats(sc, lambda s: s["paused"] == 1, "the stuck reader paused")

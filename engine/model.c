@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -502,6 +503,7 @@ struct row_task {
     struct eng_kv_pool *kv;
     const struct eng_batch *b;
     int layer;
+    atomic_int next; /* task_attention: items claimed so far */
 };
 
 static void
@@ -579,7 +581,11 @@ task_qkv_post(void *ctx, int ith, int nth)
     }
 }
 
-/* Attention: work items are (token, kv head) pairs. */
+/* Attention: work items are (token, kv head) pairs, claimed one at a time from the last (a
+ * token's cost grows with its position, and a prefill chunk's positions rise, so the costliest
+ * go first and the threads finish within one item of each other; a fixed split of a chunk gave
+ * the second half three times the first half's work). Which thread computes an item changes no
+ * bit: each item is computed whole by one thread. */
 static void
 task_attention(void *ctx, int ith, int nth)
 {
@@ -592,9 +598,13 @@ task_attention(void *ctx, int ith, int nth)
     float *score = f->score + (size_t)ith * (size_t)n_group * (size_t)f->n_ctx;
     const float **kb = f->blk_ptr + (size_t)ith * 2 * (size_t)f->max_blocks;
     const float **vb = kb + f->max_blocks;
-    int lo, hi;
-    split_range(t->b->n_tokens * hp->n_head_kv, ith, nth, &lo, &hi);
-    for (int item = lo; item < hi; item++) {
+    int n_items = t->b->n_tokens * hp->n_head_kv;
+    (void)nth;
+    for (;;) {
+        int claimed = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (claimed >= n_items)
+            break;
+        int item = n_items - 1 - claimed;
         int i = item / hp->n_head_kv, h = item % hp->n_head_kv;
         const struct eng_kv_seq *seq = t->b->seqs[i];
         int n_kv = t->b->pos[i] + 1;
@@ -724,6 +734,7 @@ eng_forward_batch(struct eng_fwd *f, struct eng_kv_pool *kv, const struct eng_ba
         if ((rc = kern_matmul_multi(f->pool, qkv, 3, f->xb, n, qkv_out)) < 0)
             return rc;
         run_rows(f, task_qkv_post, &t);
+        atomic_store_explicit(&t.next, 0, memory_order_relaxed);
         kern_pool_run(f->pool, task_attention, &t);
         if ((rc = kern_matmul(f->pool, &l->wo, f->att, n, f->tmp)) < 0)
             return rc;

@@ -48,10 +48,25 @@ setsid "$BUILD/llm-engine" -m "$MODEL" --socket "$RUN_DIR/engine.sock" "${engine
     </dev/null >>"$RUN_DIR/engine.log" 2>&1 &
 echo $! >"$RUN_DIR/engine.pid"
 
+# Wait until the engine accepts connections (the model is loaded). A worker that starts before
+# that answers 503 until its backoff lets it retry (up to 1 s), and /health below would be
+# satisfied by whichever worker got through first while the other one still refused requests.
+engine_live() {
+    python3 -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])' "$RUN_DIR/engine.sock" 2>/dev/null
+}
+for ((i = 0; ; i++)); do
+    alive "$RUN_DIR/engine.pid" || fail "llm-engine exited"
+    engine_live && break
+    ((i < 1200)) || fail "llm-engine did not listen within 120 s"
+    sleep 0.1
+done
+
 # 2. The workers: spawn-fcgi opens the socket (0660: only the web server's group reaches it),
 # forks PROCS workers with it on fd 0 and exits. spawn-fcgi closes the workers' stderr, so a
 # shell hands it to the log file first and then execs the worker (the pid stays the same).
-# The workers connect to the engine with backoff, so they may start before it listens.
+# The workers also connect to the engine with backoff, so an engine restarted later is found.
 LLM_FCGI_LOG="$RUN_DIR/llm-fcgi.log" spawn-fcgi -s "$RUN_DIR/llm-fcgi.sock" -M 0660 -F "$PROCS" \
     -P "$RUN_DIR/llm-fcgi.pid" -- /bin/sh -c 'exec "$0" "$@" 2>>"$LLM_FCGI_LOG"' \
     "$(cd "$BUILD" && pwd)/llm-fcgi" --engine "$RUN_DIR/engine.sock" --threads "$THREADS" "${fcgi_flags[@]}" \

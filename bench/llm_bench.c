@@ -229,7 +229,7 @@ usage(FILE *f)
                "      --pp N         prompt tokens for the prompt-processing test (default 512)\n"
                "      --tg N         tokens for the generation test (default 128)\n"
                "      --reps N       repetitions; the median is reported (default 3)\n"
-               "      --bw-mb MB     buffer for the bandwidth test (default 1024)\n"
+               "      --bw-mb MB     buffer for the bandwidth test (default 1024, at least 64)\n"
                "      --json FILE    append the results as one JSON line\n"
                "      --label TEXT   a label stored in the JSON line (e.g. the git commit)\n"
                "      --batched      also aggregate decode tok/s of 1..32 sequences at once\n"
@@ -415,12 +415,19 @@ main(int argc, char **argv)
     }
     if (lm.n_targets > 0) {
         if (lm.rounds < 1 || lm.prompt_words < 1 || lm.gen < 1) {
+            fprintf(stderr, "llm-bench: out of range: need --rounds, --prompt-words and --gen "
+                            ">= 1\n");
             usage(stderr);
             return 2;
         }
         return run_load_mode(&lm, json, label);
     }
     if (!model || n_threads < 1 || n_pp < 1 || n_tg < 1 || reps < 1 || reps > 100 || bw_mb < 64) {
+        if (!model)
+            fprintf(stderr, "llm-bench: -m MODEL is required (or --load TARGET)\n");
+        else
+            fprintf(stderr, "llm-bench: out of range: need -t >= 1, --pp >= 1, --tg >= 1, "
+                            "--reps 1..100, --bw-mb >= 64\n");
         usage(stderr);
         return 2;
     }

@@ -3,13 +3,22 @@
 # (build/run): lighttpd first (no new requests), then the workers (SIGTERM: each finishes its
 # in-flight streams, then exits), then the engine (SIGTERM: running sequences get its grace
 # period). Each gets up to STOP_TIMEOUT seconds (30) before SIGKILL. Exits 1 if anything had to
-# be killed.
+# be killed. A process that has exited but was never reaped (a zombie: its parent, often a
+# container's PID 1 without an init, does not wait for orphans) counts as stopped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 RUN_DIR=${RUN_DIR:-$BUILD/run}
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 rc=0
+
+running() { # pid: true while it exists and is not a zombie
+    local stat
+    kill -0 "$1" 2>/dev/null || return 1
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) } # the state follows the command name, which may hold spaces or ')'
+    [[ ${stat%% *} != Z ]]
+}
 
 stop_pids() { # name pidfile
     local name=$1 file=$2 pids=() left=()
@@ -20,7 +29,7 @@ stop_pids() { # name pidfile
     done
     for ((i = 0; i < STOP_TIMEOUT * 10 && ${#left[@]}; i++)); do
         local still=()
-        for p in "${left[@]}"; do kill -0 "$p" 2>/dev/null && still+=("$p"); done
+        for p in "${left[@]}"; do running "$p" && still+=("$p"); done
         left=("${still[@]+"${still[@]}"}")
         ((${#left[@]})) && sleep 0.1 # polling interval
     done

@@ -1,9 +1,14 @@
 """`make run` and `make stop` (scripts/run.sh and scripts/stop.sh) on this build, in a private run
 directory and port: run.sh returns only once every worker serves (it starts the workers after the
 engine listens, so none of them begins in backoff answering 503), and stop.sh leaves nothing
-running. The README promises both."""
+running. The README promises both.
+
+The test process makes itself a child subreaper that does not reap the daemons run.sh leaves
+behind, as PID 1 of a container without an init does: stop.sh must count an exited but unreaped
+process (a zombie) as stopped, not wait 30 s for it and SIGKILL it."""
 
 import concurrent.futures
+import ctypes
 import os
 import re
 import subprocess
@@ -14,6 +19,12 @@ from engine_util import scaled
 from stack import free_port, request
 
 PROCS = 2
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on):
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0, ctypes.get_errno()
 
 
 def _pids(path):
@@ -38,10 +49,11 @@ def test_run_script_serves_from_every_worker_at_once_and_stop_ends_all(fcgi_bin,
     port = free_port()
     env = dict(os.environ, BUILD=str(BUILD), MODEL=str(model_path), RUN_DIR=str(run_dir),
                PORT=str(port), PROCS=str(PROCS), THREADS="4", ENGINE_FLAGS="--threads 1")
-    run = subprocess.run(["scripts/run.sh"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=scaled(180))
+    _set_subreaper(True)
     pids = {}
     try:
+        run = subprocess.run(["scripts/run.sh"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=scaled(180))
         assert run.returncode == 0, (run.stdout, run.stderr)
         url = f"http://127.0.0.1:{port}"
         assert f"serving on {url}" in run.stdout, run.stdout
@@ -71,11 +83,20 @@ def test_run_script_serves_from_every_worker_at_once_and_stop_ends_all(fcgi_bin,
         assert r.status == 200, r
         assert r.json()["usage"]["completion_tokens"] >= 1, r
     finally:
-        stop = subprocess.run(["scripts/stop.sh"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=scaled(120))
+        try:
+            stop = subprocess.run(["scripts/stop.sh"], cwd=ROOT, env=env,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=scaled(120))
+            # stop.sh waits for each process to end; what is left is at most a zombie.
+            left = [p for ps in pids.values() for p in ps if _alive(p)]
+        finally:
+            _set_subreaper(False)
+            for p in (p for ps in pids.values() for p in ps):
+                try:
+                    os.waitpid(p, os.WNOHANG)  # ours now that run.sh has exited
+                except ChildProcessError:
+                    pass
     assert stop.returncode == 0, (stop.stdout, stop.stderr)
-    # stop.sh waits for each process to end; what is left is at most an unreaped zombie.
-    left = [p for ps in pids.values() for p in ps if _alive(p)]
     assert not left, (left, stop.stdout, stop.stderr)
     for name in ("engine.sock", "llm-fcgi.sock", "engine.pid", "llm-fcgi.pid", "lighttpd.pid"):
         assert not (run_dir / name).exists(), name

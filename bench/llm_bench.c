@@ -237,7 +237,7 @@ usage(FILE *f)
                "                     (128-token prompts, 64 decode steps)\n"
                "End-to-end load (BENCH.md item 3; no model is loaded here):\n"
                "      --load TARGET  http://HOST:PORT (OpenAI server) or unix:PATH (llm-engine\n"
-               "                     socket); repeat to compare (ratios: first / others)\n"
+               "                     socket); repeat to compare, up to 4 (ratios: first / others)\n"
                "      --clients LIST concurrent streaming clients, e.g. 1,8,32 (default)\n"
                "      --rounds R     requests per client, one after the other (2)\n"
                "      --prompt-words N  ~words per prompt (245: ~250 tokens)\n"
@@ -349,6 +349,7 @@ main(int argc, char **argv)
     struct load_mode lm = {.clients = "1,8,32", .rounds = 2, .prompt_words = 245, .gen = 128};
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = ncpu > 0 ? (int)ncpu : 1, n_pp = 512, n_tg = 128, reps = 3, bw_mb = 1024;
+    const char *prog = "llm-bench";
     int c;
     while ((c = getopt_long(argc, argv, "m:t:h", longopts, NULL)) != -1) {
         switch (c) {
@@ -356,19 +357,24 @@ main(int argc, char **argv)
             model = optarg;
             break;
         case 't':
-            n_threads = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--threads", optarg, 1, 256, &n_threads) < 0)
+                return 2;
             break;
         case 'p':
-            n_pp = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--pp", optarg, 1, 1 << 20, &n_pp) < 0)
+                return 2;
             break;
         case 'g':
-            n_tg = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--tg", optarg, 1, 1 << 20, &n_tg) < 0)
+                return 2;
             break;
         case 'r':
-            reps = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--reps", optarg, 1, 100, &reps) < 0)
+                return 2;
             break;
         case 'b':
-            bw_mb = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--bw-mb", optarg, 64, 1 << 20, &bw_mb) < 0)
+                return 2;
             break;
         case 'j':
             json = optarg;
@@ -380,27 +386,33 @@ main(int argc, char **argv)
             batched = true;
             break;
         case 'L':
-            if (lm.n_targets < MAX_TARGETS)
-                lm.targets[lm.n_targets++] = optarg;
+            if (lm.n_targets == MAX_TARGETS) {
+                fprintf(stderr, "%s: at most %d --load targets\n", prog, MAX_TARGETS);
+                return 2;
+            }
+            lm.targets[lm.n_targets++] = optarg;
             break;
         case 'C':
             lm.clients = optarg;
             break;
         case 'R':
-            lm.rounds = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--rounds", optarg, 1, 1 << 20, &lm.rounds) < 0)
+                return 2;
             break;
         case 'W':
-            lm.prompt_words = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--prompt-words", optarg, 1, 1 << 20, &lm.prompt_words) < 0)
+                return 2;
             break;
         case 'G':
-            lm.gen = atoi(optarg);
+            if (cm_parse_int_arg(prog, "--gen", optarg, 1, 1 << 20, &lm.gen) < 0)
+                return 2;
             break;
         case 'E':
             lm.engine_socket = optarg;
             break;
         case 'K': /* --backend cpu|cuda */
             if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "cuda") != 0) {
-                usage(stderr);
+                fprintf(stderr, "%s: --backend must be cpu or cuda, got '%s'\n", prog, optarg);
                 return 2;
             }
             cuda = strcmp(optarg, "cuda") == 0;
@@ -413,21 +425,10 @@ main(int argc, char **argv)
             return 2;
         }
     }
-    if (lm.n_targets > 0) {
-        if (lm.rounds < 1 || lm.prompt_words < 1 || lm.gen < 1) {
-            fprintf(stderr, "llm-bench: out of range: need --rounds, --prompt-words and --gen "
-                            ">= 1\n");
-            usage(stderr);
-            return 2;
-        }
+    if (lm.n_targets > 0)
         return run_load_mode(&lm, json, label);
-    }
-    if (!model || n_threads < 1 || n_pp < 1 || n_tg < 1 || reps < 1 || reps > 100 || bw_mb < 64) {
-        if (!model)
-            fprintf(stderr, "llm-bench: -m MODEL is required (or --load TARGET)\n");
-        else
-            fprintf(stderr, "llm-bench: out of range: need -t >= 1, --pp >= 1, --tg >= 1, "
-                            "--reps 1..100, --bw-mb >= 64\n");
+    if (!model) {
+        fprintf(stderr, "%s: -m MODEL is required (or --load TARGET)\n", prog);
         usage(stderr);
         return 2;
     }

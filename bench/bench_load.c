@@ -224,6 +224,7 @@ struct client {
     uint64_t t_send, t_last, t_deadline;
     int n_events;
     long completion_tokens, prompt_tokens;
+    char why[80]; /* how the request ended (see struct bench_load_why) */
 };
 
 struct samples {
@@ -297,6 +298,7 @@ client_start(struct load *L, struct client *c)
     c->req = ++L->next_req;
     c->n_events = 0;
     c->completion_tokens = c->prompt_tokens = 0;
+    c->why[0] = '\0';
     c->headers_done = false;
     c->in_len = c->in_off = 0;
     c->chunked = false;
@@ -363,6 +365,23 @@ client_start(struct load *L, struct client *c)
 }
 
 static void
+count_short(struct bench_load_result *r, const char *why)
+{
+    r->short_reqs++;
+    for (int i = 0; i < r->n_why; i++)
+        if (strcmp(r->why[i].name, why) == 0) {
+            r->why[i].n++;
+            return;
+        }
+    if (r->n_why == BENCH_LOAD_MAX_WHY) {
+        r->why_other++;
+        return;
+    }
+    snprintf(r->why[r->n_why].name, sizeof(r->why[r->n_why].name), "%s", why);
+    r->why[r->n_why++].n = 1;
+}
+
+static void
 client_end(struct load *L, struct client *c, bool ok)
 {
     if (c->fd >= 0)
@@ -372,6 +391,8 @@ client_end(struct load *L, struct client *c, bool ok)
         L->res->ok++;
         L->res->completion_tokens += c->completion_tokens;
         L->res->prompt_tokens += c->prompt_tokens;
+        if (c->completion_tokens < L->o->gen)
+            count_short(L->res, c->why[0] ? c->why : "unknown");
     } else {
         L->res->errors++;
     }
@@ -394,9 +415,15 @@ http_event(struct load *L, struct client *c, const char *data, size_t n, uint64_
         goto out;
     }
     if (json_object_object_get_ex(j, "choices", &ch) && json_object_array_length(ch) > 0 &&
-        (c0 = json_object_array_get_idx(ch, 0)) && json_object_object_get_ex(c0, "text", &txt) &&
-        json_object_get_string_len(txt) > 0)
-        token_arrived(L, c, now);
+        (c0 = json_object_array_get_idx(ch, 0))) {
+        if (json_object_object_get_ex(c0, "text", &txt) && json_object_get_string_len(txt) > 0)
+            token_arrived(L, c, now);
+        struct json_object *why;
+        if ((json_object_object_get_ex(c0, "stop_reason", &why) ||
+             json_object_object_get_ex(c0, "finish_reason", &why)) &&
+            json_object_get_type(why) == json_type_string)
+            snprintf(c->why, sizeof(c->why), "%s", json_object_get_string(why));
+    }
     struct json_object *u, *ct, *pt;
     if (json_object_object_get_ex(j, "usage", &u) && json_object_get_type(u) == json_type_object) {
         if (json_object_object_get_ex(u, "completion_tokens", &ct))
@@ -498,6 +525,8 @@ engine_parse(struct load *L, struct client *c, uint64_t now)
             if (cm_wire_decode_done(&f, &d, NULL, 0) < 0)
                 return -1;
             c->completion_tokens = d.completion_tokens;
+            snprintf(c->why, sizeof(c->why), "%s",
+                     d.guard[0] ? d.guard : cm_wire_finish_name(d.finish));
             return 1;
         } else if (f.type == CM_WIRE_ERROR) {
             return -1;

@@ -13,6 +13,9 @@
  *
  * Per request: TTFT (send to first content event / TOKEN frame) and every inter-token gap.
  * Aggregate tok/s is completion tokens over the wall time from the first send to the last end.
+ * A request that still ends early (a loop guard of our worker tripping on the model's
+ * repetitive text, a stop, the context) is counted as short with its reason: the runs being
+ * compared must show none, or they did unequal work.
  */
 #ifndef BENCH_LOAD_H
 #define BENCH_LOAD_H
@@ -31,8 +34,22 @@ struct bench_load_opts {
     int timeout_s; /* per request */
 };
 
+/* Why requests ended short (see short_reqs): a name and how many ended so. */
+#define BENCH_LOAD_MAX_WHY 4
+struct bench_load_why {
+    char name[80]; /* HTTP: the choice's stop_reason, else its finish_reason; engine: the DONE's
+                      guard, else its finish */
+    int n;
+};
+
 struct bench_load_result {
     int ok, errors;
+    /* Requests that ended well but with fewer than gen completion tokens (a guard, a stop, the
+     * context): tok/s then counts less work than a server that generated all of them. The first
+     * BENCH_LOAD_MAX_WHY reasons are tallied in why (n_why of them), the rest in why_other. */
+    int short_reqs;
+    struct bench_load_why why[BENCH_LOAD_MAX_WHY];
+    int n_why, why_other;
     long completion_tokens, prompt_tokens;
     double wall_s, tok_s;
     double ttft_p50_ms, ttft_p99_ms, itl_p50_ms, itl_p99_ms;

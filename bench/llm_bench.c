@@ -281,6 +281,7 @@ run_load_mode(const struct load_mode *lm, const char *json, const char *label)
         if (n < 1)
             continue;
         double tps[MAX_TARGETS] = {0};
+        int shorts[MAX_TARGETS] = {0};
         for (int t = 0; t < lm->n_targets; t++) {
             struct bench_load_opts o = {.target = lm->targets[t],
                                         .clients = n,
@@ -298,23 +299,39 @@ run_load_mode(const struct load_mode *lm, const char *json, const char *label)
             }
             tps[t] = r.tok_s;
             printf("load %s clients=%d: %.1f tok/s aggregate, TTFT p50 %.0f ms p99 %.0f ms, "
-                   "inter-token p50 %.1f ms p99 %.1f ms, prompt %.0f tokens, ok %d errors %d\n",
+                   "inter-token p50 %.1f ms p99 %.1f ms, prompt %.0f tokens, ok %d errors %d "
+                   "(%ld tokens in %.2f s)\n",
                    lm->targets[t], n, r.tok_s, r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms,
-                   r.itl_p99_ms, r.ok ? (double)r.prompt_tokens / r.ok : 0.0, r.ok, r.errors);
+                   r.itl_p99_ms, r.ok ? (double)r.prompt_tokens / r.ok : 0.0, r.ok, r.errors,
+                   r.completion_tokens, r.wall_s);
+            if (r.short_reqs > 0) {
+                printf("  %d of %d requests ended before %d tokens (", r.short_reqs, r.ok,
+                       lm->gen);
+                for (int w = 0; w < r.n_why; w++)
+                    printf("%s%s %d", w ? ", " : "", r.why[w].name, r.why[w].n);
+                if (r.why_other)
+                    printf(", other %d", r.why_other);
+                printf("): this run did less work than asked; compare only runs without "
+                       "short requests\n");
+            }
+            shorts[t] = r.short_reqs;
             fflush(stdout);
             if (jf)
                 fprintf(jf,
                         "{\"timestamp\":%lld,\"label\":\"%s\",\"bench\":\"load\",\"target\":\"%s\","
                         "\"clients\":%d,\"ok\":%d,\"errors\":%d,\"tok_s\":%.2f,"
                         "\"ttft_p50_ms\":%.1f,\"ttft_p99_ms\":%.1f,\"itl_p50_ms\":%.2f,"
-                        "\"itl_p99_ms\":%.2f,\"gen\":%d}\n",
+                        "\"itl_p99_ms\":%.2f,\"gen\":%d,\"completion_tokens\":%ld,"
+                        "\"wall_s\":%.3f,\"short\":%d}\n",
                         (long long)time(NULL), label, lm->targets[t], n, r.ok, r.errors, r.tok_s,
-                        r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms, lm->gen);
+                        r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms, lm->gen,
+                        r.completion_tokens, r.wall_s, r.short_reqs);
         }
         for (int t = 1; t < lm->n_targets; t++)
             if (tps[t] > 0)
-                printf("ratio clients=%d: %s / %s = %.2fx\n", n, lm->targets[0], lm->targets[t],
-                       tps[0] / tps[t]);
+                printf("ratio clients=%d: %s / %s = %.2fx%s\n", n, lm->targets[0],
+                       lm->targets[t], tps[0] / tps[t],
+                       shorts[0] || shorts[t] ? " (unequal work: short requests above)" : "");
     }
     if (jf)
         fclose(jf);

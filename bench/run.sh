@@ -4,7 +4,8 @@
 # time. Results are appended to bench/results/engine.jsonl. Then the end-to-end load (items 3-4).
 # Env: BUILD (build), MODEL (models/default.gguf), THREADS (online CPUs), REPS (3), ENGINE (1), E2E (1)
 #      (0 skips the engine or the end-to-end part),
-#      CLIENTS (1,8,32), ROUNDS (2), PEER_URL (unset: no peer),
+#      CLIENTS (1,8,32), ROUNDS (2), PEER_URL (unset: no peer), FCGI_FLAGS (extra worker flags;
+#      the bench's worker runs with --no-guards so that every request generates --gen tokens),
 #      PEER_BENCH (unset: none): path to a llama-bench the user built; pp512/tg128 of ours and of
 #      the peer on the same GGUF and threads, alternating A B A B for PEER_ROUNDS (3) rounds,
 #      medians and ratios printed and appended to bench/results/engine.jsonl.
@@ -97,7 +98,12 @@ if [ "${E2E:-1}" != 0 ]; then
     run_dir="$BUILD/bench-run"
     export RUN_DIR="$run_dir" PORT="$port" BUILD MODEL
     trap 'scripts/stop.sh >/dev/null 2>&1 || true' EXIT
-    if ENGINE_FLAGS="--threads $THREADS" scripts/run.sh >/dev/null; then
+    # --no-guards: every request must generate exactly --gen tokens, as it does on the engine
+    # socket and on a peer without guards. With the guards on, line_repeat ends most of the
+    # default model's answers to these random-word prompts early (6 of 8 in one run), so tok/s
+    # counted less work than the peer did; llm-bench reports such short requests.
+    if ENGINE_FLAGS="--threads $THREADS" FCGI_FLAGS="--no-guards ${FCGI_FLAGS:-}" \
+        scripts/run.sh >/dev/null; then
         targets=(--load "http://127.0.0.1:$port" --load "unix:$run_dir/engine.sock")
         [ -n "${PEER_URL:-}" ] && targets+=(--load "$PEER_URL")
         echo "== end to end: lighttpd + llm-fcgi + llm-engine vs the engine socket${PEER_URL:+ vs $PEER_URL}"

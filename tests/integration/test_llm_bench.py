@@ -1,8 +1,11 @@
 """llm-bench's command line: `--help` names every flag, and a bad value exits 2 with one line
-that names the flag (through the shared cm_parse_int_arg), before any model is loaded."""
+that names the flag (through the shared cm_parse_int_arg), before any model is loaded. And its
+end-to-end load against a real engine: requests that end before --gen tokens are reported with
+their reason, since tok/s then counts less work than was asked."""
 
 import os
 import re
+import tempfile
 
 import pytest
 
@@ -54,3 +57,43 @@ def test_llm_bench_without_model_exits_2(llm_bench):
     r = run_bin(llm_bench)
     assert r.rc == 2, r
     assert "-m MODEL is required" in r.err, r.err
+
+
+# ---- The load against a real engine: short requests are reported, never silently counted ----
+
+@pytest.fixture
+def small_ctx_engine(model_path):
+    """llm-engine with a 48-token context: a ~25-token prompt then ends generation by the context
+    (finish "length") long before 64 tokens."""
+    from engine_util import Engine
+    with tempfile.TemporaryDirectory(prefix="llm-bl-") as d:
+        e = Engine(BUILD / "llm-engine", model_path, d, "-c", "48").start()
+        try:
+            yield e
+        finally:
+            assert e.stop() == 0, e.stderr()[-3000:]
+
+
+def load(llm_bench, eng, gen):
+    sock = f"unix:{eng.socket}"
+    r = run_bin(llm_bench, "--load", sock, "--engine-socket", str(eng.socket), "--clients", "2",
+                "--rounds", "1", "--prompt-words", "20", "--gen", str(gen))
+    assert r.rc == 0, r
+    line = next((ln for ln in r.out.splitlines() if ln.startswith(f"load {sock} ")), None)
+    assert line is not None, r.out
+    m = re.search(r"ok (\d+) errors (\d+) \((\d+) tokens in [\d.]+ s\)", line)
+    assert m, line
+    return r.out, [int(g) for g in m.groups()]
+
+
+def test_llm_bench_load_reports_requests_that_ended_short(llm_bench, small_ctx_engine):
+    out, (ok, errors, tokens) = load(llm_bench, small_ctx_engine, 64)
+    assert (ok, errors) == (2, 0), out
+    assert 0 < tokens < 2 * 64, out
+    assert "2 of 2 requests ended before 64 tokens (length 2)" in out, out
+
+
+def test_llm_bench_load_full_requests_are_not_short(llm_bench, small_ctx_engine):
+    out, (ok, errors, tokens) = load(llm_bench, small_ctx_engine, 4)
+    assert (ok, errors, tokens) == (2, 0, 8), out
+    assert "ended before" not in out, out

@@ -5,7 +5,11 @@
  * p % ENG_KV_BLOCK.
  *
  * Layout (f32): for block b and layer l, the K rows are ENG_KV_BLOCK x kv_dim floats at
- * eng_kv_k(pool, b, l), the V rows likewise at eng_kv_v(pool, b, l); a row is contiguous.
+ * eng_kv_k(pool, b, l), the V rows likewise at eng_kv_v(pool, b, l). The pool only hands out
+ * that region; the forward pass (engine/model.c) stores it head-major: KV head h's row r (its
+ * head_dim floats) at (h * ENG_KV_BLOCK + r) * head_dim, so that one head's keys of a block are
+ * one contiguous run (4 KiB for head_dim 64) which attention streams, instead of 256 bytes out of
+ * every kv_dim-float row.
  *
  * Ownership and threads: the pool owns all K/V memory and the free list; block tables are owned by
  * their sequences but their blocks come from and return to the pool. Allocation and release happen

@@ -573,11 +573,17 @@ task_qkv_post(void *ctx, int ith, int nth)
         const float *cs = f->rope + (size_t)i * hp->n_rot;
         rope_rotate(q, cs, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_type);
         rope_rotate(k, cs, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_type);
+        /* Head-major within the block (engine/kv.h): head h's row r at
+         * (h * ENG_KV_BLOCK + r) * head_dim. */
         int pos = t->b->pos[i];
         int32_t blk = t->b->seqs[i]->table[pos / ENG_KV_BLOCK];
-        size_t row = (size_t)(pos % ENG_KV_BLOCK) * kv_dim;
-        memcpy(eng_kv_k(t->kv, blk, t->layer) + row, k, (size_t)kv_dim * sizeof(float));
-        memcpy(eng_kv_v(t->kv, blk, t->layer) + row, v, (size_t)kv_dim * sizeof(float));
+        float *kc = eng_kv_k(t->kv, blk, t->layer), *vc = eng_kv_v(t->kv, blk, t->layer);
+        size_t hd = (size_t)hp->head_dim;
+        for (int h = 0; h < hp->n_head_kv; h++) {
+            size_t row = ((size_t)h * ENG_KV_BLOCK + (size_t)(pos % ENG_KV_BLOCK)) * hd;
+            memcpy(kc + row, k + (size_t)h * hd, hd * sizeof(float));
+            memcpy(vc + row, v + (size_t)h * hd, hd * sizeof(float));
+        }
     }
 }
 
@@ -592,7 +598,7 @@ task_attention(void *ctx, int ith, int nth)
     struct row_task *t = ctx;
     struct eng_fwd *f = t->f;
     const struct eng_hparams *hp = &f->m->hp;
-    int hd = hp->head_dim, kv_dim = hp->n_head_kv * hd, q_dim = hp->n_head * hd;
+    int hd = hp->head_dim, q_dim = hp->n_head * hd;
     int n_group = hp->n_head / hp->n_head_kv;
     float scale = 1.0f / sqrtf((float)hd);
     float *score = f->score + (size_t)ith * (size_t)n_group * (size_t)f->n_ctx;
@@ -608,13 +614,14 @@ task_attention(void *ctx, int ith, int nth)
         int i = item / hp->n_head_kv, h = item % hp->n_head_kv;
         const struct eng_kv_seq *seq = t->b->seqs[i];
         int n_kv = t->b->pos[i] + 1;
+        size_t head_off = (size_t)h * ENG_KV_BLOCK * (size_t)hd; /* head-major blocks */
         for (int j = 0; j < eng_kv_blocks_for(n_kv); j++) {
-            kb[j] = eng_kv_k(t->kv, seq->table[j], t->layer) + (size_t)h * hd;
-            vb[j] = eng_kv_v(t->kv, seq->table[j], t->layer) + (size_t)h * hd;
+            kb[j] = eng_kv_k(t->kv, seq->table[j], t->layer) + head_off;
+            vb[j] = eng_kv_v(t->kv, seq->table[j], t->layer) + head_off;
         }
         size_t qo = (size_t)i * q_dim + (size_t)h * n_group * hd;
         kern_attn_f32(f->att + qo, f->q + qo, kb, vb, ENG_KV_BLOCK, n_kv, n_group, hd,
-                      (size_t)kv_dim, scale, score);
+                      (size_t)hd, scale, score);
     }
 }
 

@@ -137,7 +137,7 @@ void
 eng_sched_config_default(struct eng_sched_config *cfg)
 {
     cfg->max_seqs = 64;
-    cfg->max_batch_tokens = 512;
+    cfg->max_batch_tokens = 256;
     cfg->max_queue = 256;
     cfg->watermark_blocks = 4;
 }

@@ -157,7 +157,7 @@ struct eng_sched_events {
 
 struct eng_sched_config {
     int max_seqs;         /* running sequences at once (1..4096); default 64 */
-    int max_batch_tokens; /* tokens per forward pass, >= max_seqs; default 512 */
+    int max_batch_tokens; /* tokens per forward pass, >= max_seqs; default 256 */
     int max_queue;        /* queued requests; beyond it submit is -EAGAIN (>= 0); default 256 */
     int watermark_blocks; /* blocks left free at admission for running sequences to grow (>= 0);
                              default 4 */

@@ -7,7 +7,7 @@
  * Layout (f32): for block b and layer l, the K rows are ENG_KV_BLOCK x kv_dim floats at
  * eng_kv_k(pool, b, l), the V rows likewise at eng_kv_v(pool, b, l). The pool only hands out
  * that region; the forward pass (engine/model.c) stores it head-major: KV head h's row r (its
- * head_dim floats) at (h * ENG_KV_BLOCK + r) * head_dim, so that one head's keys of a block are
+ * head_dim floats) at eng_kv_head_row(h, r, head_dim) = (h * ENG_KV_BLOCK + r) * head_dim, so that one head's keys of a block are
  * one contiguous run (4 KiB for head_dim 64) which attention streams, instead of 256 bytes out of
  * every kv_dim-float row.
  *
@@ -63,6 +63,14 @@ static inline int
 eng_kv_blocks_for(int n_tokens)
 {
     return (n_tokens + ENG_KV_BLOCK - 1) / ENG_KV_BLOCK;
+}
+
+/* Offset in floats, from eng_kv_k / eng_kv_v of a block and layer, of KV head h's row r in the
+ * head-major layout above. */
+static inline size_t
+eng_kv_head_row(int h, int r, int head_dim)
+{
+    return ((size_t)h * ENG_KV_BLOCK + (size_t)r) * (size_t)head_dim;
 }
 
 #endif

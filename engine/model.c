@@ -573,14 +573,12 @@ task_qkv_post(void *ctx, int ith, int nth)
         const float *cs = f->rope + (size_t)i * hp->n_rot;
         rope_rotate(q, cs, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_type);
         rope_rotate(k, cs, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_type);
-        /* Head-major within the block (engine/kv.h): head h's row r at
-         * (h * ENG_KV_BLOCK + r) * head_dim. */
         int pos = t->b->pos[i];
         int32_t blk = t->b->seqs[i]->table[pos / ENG_KV_BLOCK];
         float *kc = eng_kv_k(t->kv, blk, t->layer), *vc = eng_kv_v(t->kv, blk, t->layer);
         size_t hd = (size_t)hp->head_dim;
         for (int h = 0; h < hp->n_head_kv; h++) {
-            size_t row = ((size_t)h * ENG_KV_BLOCK + (size_t)(pos % ENG_KV_BLOCK)) * hd;
+            size_t row = eng_kv_head_row(h, pos % ENG_KV_BLOCK, hp->head_dim);
             memcpy(kc + row, k + (size_t)h * hd, hd * sizeof(float));
             memcpy(vc + row, v + (size_t)h * hd, hd * sizeof(float));
         }
@@ -614,7 +612,7 @@ task_attention(void *ctx, int ith, int nth)
         int i = item / hp->n_head_kv, h = item % hp->n_head_kv;
         const struct eng_kv_seq *seq = t->b->seqs[i];
         int n_kv = t->b->pos[i] + 1;
-        size_t head_off = (size_t)h * ENG_KV_BLOCK * (size_t)hd; /* head-major blocks */
+        size_t head_off = eng_kv_head_row(h, 0, hd);
         for (int j = 0; j < eng_kv_blocks_for(n_kv); j++) {
             kb[j] = eng_kv_k(t->kv, seq->table[j], t->layer) + head_off;
             vb[j] = eng_kv_v(t->kv, seq->table[j], t->layer) + head_off;

@@ -16,6 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -59,6 +60,18 @@ def run_bin(path, *args, timeout=RUN_TIMEOUT_S, binary=False):
     return Result(proc)
 
 
+def built(path):
+    """path (a binary of `make all`), or the test fails saying it is missing."""
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: build it first (make all)")
+    return path
+
+
+def flags_missing_from(text, flags):
+    """The flags of a --help list that the text does not mention as whole words."""
+    return [f for f in flags if not re.search(rf"(^|[\s,]){re.escape(f)}\b", text, re.M)]
+
+
 @pytest.fixture(scope="session")
 def build_dir():
     return BUILD
@@ -66,10 +79,7 @@ def build_dir():
 
 @pytest.fixture(scope="session")
 def llm_run():
-    path = BUILD / "llm-run"
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"{path} is missing: build it first (make all)")
-    return path
+    return built(BUILD / "llm-run")
 
 
 @pytest.fixture(scope="session")
@@ -172,9 +182,7 @@ def _require_tool(name):
 
 @pytest.fixture(scope="session")
 def fcgi_bin():
-    path = BUILD / "llm-fcgi"
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"{path} is missing: build it first (make all)")
+    path = built(BUILD / "llm-fcgi")
     for tool in ("spawn-fcgi", "lighttpd"):
         _require_tool(tool)
     return path

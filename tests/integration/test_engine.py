@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, run_bin
+from conftest import BUILD, built, run_bin
 from engine_util import (ACCEPTED, CANCEL, DONE, ERROR, HELLO, HEADER_BYTES, MODEL_INFO,
                          SLOWDOWN, STATS, SUBMIT, TOKEN, Closed, Conn, Engine, Result, eog_bias,
                          pack_frame, pack_header, scaled, settled, wait_stats)
@@ -58,16 +58,12 @@ LONG_PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 110)
 
 @pytest.fixture(scope="session")
 def engine_bin():
-    if not os.access(ENGINE, os.X_OK):
-        pytest.fail(f"{ENGINE} is missing: build it first (make all)")
-    return ENGINE
+    return built(ENGINE)
 
 
 @pytest.fixture(scope="session")
 def client_bin():
-    if not os.access(CLIENT, os.X_OK):
-        pytest.fail(f"{CLIENT} is missing: build it first (make all)")
-    return CLIENT
+    return built(CLIENT)
 
 
 @pytest.fixture

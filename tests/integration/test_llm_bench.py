@@ -3,13 +3,12 @@ that names the flag (through the shared cm_parse_int_arg), before any model is l
 end-to-end load against a real engine: requests that end before --gen tokens are reported with
 their reason, since tok/s then counts less work than was asked."""
 
-import os
 import re
 import tempfile
 
 import pytest
 
-from conftest import BUILD, run_bin
+from conftest import BUILD, built, flags_missing_from, run_bin
 
 FLAGS = ["-m", "--model", "-t", "--threads", "--pp", "--tg", "--reps", "--bw-mb", "--json",
          "--label", "--batched", "--backend", "--load", "--clients", "--rounds",
@@ -18,16 +17,13 @@ FLAGS = ["-m", "--model", "-t", "--threads", "--pp", "--tg", "--reps", "--bw-mb"
 
 @pytest.fixture(scope="module")
 def llm_bench():
-    path = BUILD / "llm-bench"
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"{path} is missing: build it first (make all)")
-    return path
+    return built(BUILD / "llm-bench")
 
 
 def test_llm_bench_help_lists_every_flag(llm_bench):
     r = run_bin(llm_bench, "--help")
     assert r.rc == 0, r
-    missing = [f for f in FLAGS if not re.search(rf"(^|[\s,]){re.escape(f)}\b", r.out, re.M)]
+    missing = flags_missing_from(r.out, FLAGS)
     assert not missing, f"--help does not mention {missing}"
 
 

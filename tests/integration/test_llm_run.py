@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ref_llama
-from conftest import BUILD, chatml, ids_arg, read_logits, run_bin
+from conftest import BUILD, chatml, flags_missing_from, ids_arg, read_logits, run_bin
 
 FLAGS = ["-m", "-p", "--prompt-ids", "-n", "--temp", "--seed", "--top-k", "--top-p", "--min-p",
          "--chat", "--system", "--threads", "--ctx", "--print-ids", "--dump-logits",
@@ -29,7 +29,7 @@ STATS_RE = {
 def test_llm_run_help_lists_every_flag(llm_run):
     r = run_bin(llm_run, "--help")
     assert r.rc == 0, r
-    missing = [f for f in FLAGS if not re.search(rf"(^|[\s,]){re.escape(f)}\b", r.out, re.M)]
+    missing = flags_missing_from(r.out, FLAGS)
     assert not missing, f"--help does not mention {missing}"
 
 
